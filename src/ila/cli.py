@@ -1,0 +1,114 @@
+"""`ila` command line: argument parsing only; every subcommand calls one API function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ila.api import IDENTIFY_OPTIONS
+from ila.errors import IlaError
+
+EPILOG = "Docs: README.md and docs/. Add --debug to any command for a full traceback."
+
+
+def _add_identify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local HF folder, hub name, .gguf file, or embedded name "
+                   "(smollm2-135m, gemma3-270m). Default: smollm2-135m")
+    p.add_argument("--data", help="alpaca/messages .json/.jsonl file, hub dataset name, or "
+                   "bigbench:TASK[/SUBTASK_GLOB]. Default: a natural_instructions subset")
+    p.add_argument("--config", type=Path, help="YAML config (see configs/); command-line options override it")
+    p.add_argument("--max-steps", type=int, help="stage-1 step cap (stage 1 stops earlier once ε-stable)")
+    p.add_argument("--stage2-steps", type=int, help="stage-2 optimisation steps for the scores")
+    p.add_argument("--method", choices=["lora", "full"], help="stage-1 update: LoRA (default) or full fine-tuning")
+    p.add_argument("--seed", type=int, help="seed for data split, sampling and initialisation (default 0)")
+    p.add_argument("--epsilon", type=float, help="ε of the stability test (Def. 1), per-step loss change")
+    p.add_argument("--init-score", type=float, help="initial score s₀ of every layer (default 4.0)")
+    p.add_argument("--budget", type=float, help="stage-2 budget H as a fraction of the layers, in (0, 1]")
+    p.add_argument("--max-examples", type=int, help="cap on the examples read from --data")
+    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
+    p.add_argument("--milestones", help="comma-separated fractions of --max-steps to also rank at, e.g. 0.25,0.5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ila", description="Identify the layers that matter for a fine-tune.",
+                                     epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("identify", help="rank the linear layers of a model for a dataset (ILA)",
+                       description="Stage 1 trains LoRA (or full fine-tuning) until the loss is ε-stable; stage 2 "
+                       "learns one gate score per linear layer. Writes ranking.json, heatmap.png and the "
+                       "stage-1 adapter to --out.", epilog=EPILOG)
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--adapter", help="existing PEFT LoRA adapter for --model: run stage 2 alone on it")
+    p.add_argument("--resume", action="store_true", help="resume stage 1 from the last checkpoint in --out")
+    _add_identify_options(p)
+
+    p = sub.add_parser("compare", help="Jaccard of the top fraction and Spearman correlation between rankings",
+                       epilog=EPILOG)
+    p.add_argument("rankings", nargs="+", type=Path, help="two or more ranking.json files")
+    p.add_argument("--top", type=float, default=0.75, help="fraction of layers in each top set (default 0.75)")
+
+    p = sub.add_parser("demo", help="rank smollm2-135m on two disjoint natural_instructions subsets and compare",
+                       epilog=EPILOG)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for both runs (default runs/demo)")
+    p.add_argument("--max-steps", type=int, help="stage-1 step cap of each run")
+    p.add_argument("--stage2-steps", type=int, help="stage-2 steps of each run")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.debug)
+    try:
+        return _run(args)
+    except IlaError as exc:
+        if args.debug:
+            raise
+        print(f"ila: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ila: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    import ila
+
+    if args.command == "identify":
+        options = {name: getattr(args, name) for name in IDENTIFY_OPTIONS}
+        ranking = ila.identify(args.out, config=args.config, resume=args.resume, **options)
+        meta = ranking.metadata
+        print(f"ranked {len(ranking.entries)} linear layers of {meta['model']}; stability step "
+              f"{meta.get('stability_step')}, stage-1 steps {meta.get('stage1_steps')}, "
+              f"stage-2 steps {meta.get('stage2_steps')}")
+        print(f"wrote {args.out / 'ranking.json'} and {args.out / 'heatmap.png'}")
+        return 0
+    if args.command == "compare":
+        print(ila.format_comparison(ila.compare(args.rankings, top=args.top)))
+        return 0
+    if args.command == "demo":
+        from ila.demo import run_demo
+
+        run_demo(args.out, max_steps=args.max_steps, stage2_steps=args.stage2_steps, seed=args.seed)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "urllib3", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,594 @@
+"""Fine-tuning data: load examples, tokenise them with loss masking, split off a held-out set.
+
+An example is `{"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", "content": ...}]}`:
+the last message is the response, everything before it is the prompt. Sources (see docs/data.md):
+
+* a local `.json` (a list) or `.jsonl` file in alpaca form (`instruction`, optional `input`, `output`),
+  messages form (`messages`) or LIMA form (`conversations`: alternating user/assistant strings);
+* `bigbench:TASK[/SUBTASK,...]`, read from the BIG-bench source archive (`ila.assets.bigbench_archive()`);
+* a directory of data files or a Hugging Face dataset name, via `datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import logging
+import os
+import random
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from datasets import Dataset
+
+from ila.errors import IlaError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA = "bigbench:natural_instructions/*qasc*"
+"""Seven QASC subtasks of BIG-bench natural_instructions (036-042): short science-fact instructions, 39 928
+examples in all."""
+
+IGNORE_INDEX = -100
+"""Label value the loss ignores (prompt tokens and padding)."""
+
+PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+"""Header before each message in the plain template; any other role R gets `### R:` (capitalised)."""
+PLAIN_SEPARATOR = "\n\n"
+"""Text after each message's content in the plain template."""
+PLAIN_GENERATION_PROMPT = PLAIN_HEADERS["assistant"]
+"""Text that ends a plain-template prompt; the response follows it directly."""
+PLAIN_TEMPLATE = PLAIN_HEADERS["user"] + "{instruction}" + PLAIN_SEPARATOR + PLAIN_GENERATION_PROMPT
+"""The plain prompt for a single user message, used when the tokenizer has no chat template."""
+
+BIGBENCH_PREFIX = "bigbench:"
+_LOCAL_SUFFIXES = (".json", ".jsonl")
+_GLOB_CHARS = "*?["
+
+Example = dict[str, list[dict[str, str]]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Row normalisation (shared by local files and `datasets` rows)
+
+
+def _row_to_messages(row: Any, where: str) -> list[dict[str, str]] | None:
+    """Normalise one row to a messages list; None when its response is empty. WHERE names the row."""
+    if not isinstance(row, dict):
+        raise IlaError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = _check_messages(row["messages"], f"{where}: field 'messages'")
+    elif "conversations" in row:
+        messages = _conversations_to_messages(row["conversations"], f"{where}: field 'conversations'")
+    elif "instruction" in row or "output" in row:
+        messages = _alpaca_to_messages(row, where)
+    else:
+        keys = ", ".join(sorted(map(str, row))) or "none"
+        raise IlaError(f"{where}: missing field 'instruction' (alpaca form: instruction, input, output) "
+                       f"or 'messages' (messages form); fields present: {keys}")
+    return messages if messages[-1]["content"].strip() else None
+
+
+def _alpaca_to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    for field in ("instruction", "output"):
+        if field not in row:
+            raise IlaError(f"{where}: missing field {field!r} (alpaca form needs 'instruction' and 'output')")
+    for field in ("instruction", "input", "output", "system"):
+        value = row.get(field)
+        if value is not None and not isinstance(value, str):
+            raise IlaError(f"{where}: field {field!r} is {type(value).__name__} {_short(value)}, "
+                           "expected a string")
+    prompt = PLAIN_SEPARATOR.join(p for p in (row["instruction"], row.get("input")) if p and p.strip())
+    if not prompt.strip():
+        raise IlaError(f"{where}: fields 'instruction' and 'input' are both empty, expected a prompt")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    if row.get("system") and row["system"].strip():
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    return messages
+
+
+def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise IlaError(f"{where} is {type(value).__name__}, expected a list of {{role, content}} objects")
+    if len(value) < 2:
+        raise IlaError(f"{where} has {len(value)} message(s), expected at least 2 "
+                       "(a prompt and the response)")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise IlaError(f"{where}[{i}] is {type(msg).__name__}, expected a {{role, content}} object")
+        for key in ("role", "content"):
+            if key not in msg:
+                raise IlaError(f"{where}[{i}]: missing field {key!r}")
+            if not isinstance(msg[key], str):
+                raise IlaError(f"{where}[{i}].{key} is {type(msg[key]).__name__} {_short(msg[key])}, "
+                               "expected a string")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    if out[-1]["role"] != "assistant":
+        raise IlaError(f"{where}[{len(out) - 1}].role is {out[-1]['role']!r}, expected 'assistant' "
+                       "(the last message is the response)")
+    return out
+
+
+def _conversations_to_messages(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise IlaError(f"{where} is {_short(value)}, expected a list of strings (user, assistant, ...)")
+    if len(value) < 2 or len(value) % 2:
+        raise IlaError(f"{where} has {len(value)} turn(s), expected an even number >= 2 "
+                       "(alternating user/assistant, ending with the response)")
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(value)]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Local files
+
+
+def _read_local(path: Path) -> list[Example]:
+    """Examples of a local `.json`/`.jsonl` file, validated row by row; empty responses are dropped."""
+    if path.suffix.lower() not in _LOCAL_SUFFIXES:
+        raise IlaError(f"{path}: unsupported file type {path.suffix or '(none)'!r}, expected .json or .jsonl")
+    if not path.is_file():
+        raise IlaError(f"{path}: data file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise IlaError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise IlaError(f"{path}: file is empty, expected JSON examples")
+    rows: list[tuple[str, Any]] = []
+    if path.suffix.lower() == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}: line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise IlaError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno}), "
+                               "expected one JSON object per line") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise IlaError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        if not isinstance(data, list):
+            raise IlaError(f"{path}: top level is a JSON {type(data).__name__}, expected a list of examples")
+        rows = [(f"{path}: row {i}", row) for i, row in enumerate(data)]
+    return _normalise_rows(rows, str(path))
+
+
+def _normalise_rows(rows: Iterable[tuple[str, Any]], source: str) -> list[Example]:
+    examples, empty, total = [], 0, 0
+    for where, row in rows:
+        total += 1
+        messages = _row_to_messages(row, where)
+        if messages is None:
+            empty += 1
+        else:
+            examples.append({"messages": messages})
+    if empty:
+        log.warning("%s: dropped %d of %d rows with an empty response", source, empty, total)
+    if not examples:
+        what = "no rows" if total == 0 else f"all {total} rows have an empty response"
+        raise IlaError(f"{source}: no usable examples ({what})")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+def _read_hf(name: str, max_examples: int | None, seed: int) -> list[Example]:
+    """Examples from `datasets.load_dataset(name)` (its `train` split, else its first split)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as e:  # the library raises many types (connection, not found, builder errors)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise IlaError(f"data {name!r} is neither a local .json/.jsonl file, a 'bigbench:TASK[/SUBTASK]' "
+                       f"spec nor a dataset datasets.load_dataset can reach ({reason})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if "train" in loaded else sorted(loaded)[0]
+        if split != "train":
+            log.warning("%s: no 'train' split, using %r", name, split)
+        ds = loaded[split]
+    else:
+        ds = loaded
+    forms = ({"messages"}, {"conversations"}, {"instruction", "output"})
+    if not any(form <= set(ds.column_names) for form in forms):
+        raise IlaError(f"dataset {name!r}: columns {', '.join(ds.column_names)}; expected 'instruction' and "
+                       "'output' (alpaca form), 'messages' or 'conversations'")
+    indices = list(range(len(ds)))
+    if max_examples is not None and max_examples < len(indices):
+        indices = sorted(random.Random(seed).sample(indices, max_examples))
+    rows = ((f"dataset {name!r}: row {i}", ds[i]) for i in indices)
+    return _normalise_rows(rows, f"dataset {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BIG-bench
+
+
+def _bigbench_cache(archive: Path) -> Path:
+    stem = archive.name.removesuffix(".tar.gz").removesuffix(".zip")
+    from ila.assets import cache_dir
+
+    return cache_dir() / "bigbench" / stem
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _task_rel(member_name: str) -> str | None:
+    """`TASK/...` relative to `benchmark_tasks/`, or None for members outside it."""
+    _, sep, rel = member_name.partition("/benchmark_tasks/")
+    return rel if sep and rel else None
+
+
+def _scan_archive(archive: Path, cache: Path, want: Callable[[str], bool], *,
+                  needed: set[str] | None = None) -> dict[str, Any]:
+    """Stream the archive once, extracting wanted `task.json` members into CACHE/tasks.
+
+    With NEEDED, stop as soon as all of those are extracted; otherwise read to the end and return the index
+    (all task names and all `TASK/task.json`, `TASK/SUBTASK/task.json` paths).
+    """
+    tasks: set[str] = set()
+    task_files: list[str] = []
+    remaining = set(needed) if needed is not None else None
+    try:
+        with tarfile.open(archive, mode="r|*", bufsize=1 << 20) as tf:
+            for member in tf:
+                rel = _task_rel(member.name)
+                if rel is None:
+                    continue
+                parts = rel.split("/")
+                if len(parts) > 1:
+                    tasks.add(parts[0])
+                if not (member.isfile() and parts[-1] == "task.json" and len(parts) in (2, 3)):
+                    continue
+                task_files.append(rel)
+                if want(rel):
+                    f = tf.extractfile(member)
+                    if f is not None:
+                        _atomic_write(cache / "tasks" / rel, f.read())
+                if remaining is not None:
+                    remaining.discard(rel)
+                    if not remaining:
+                        break
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise IlaError(f"{archive}: cannot read the BIG-bench archive ({e}); "
+                       "delete it to download it again") from None
+    return {"tasks": sorted(tasks), "task_files": sorted(task_files)}
+
+
+def _bigbench_index(archive: Path, cache: Path, want: Callable[[str], bool]) -> dict[str, Any]:
+    """The cached member index of ARCHIVE; built once (a ~5 s scan) that also extracts WANT."""
+    index_path = cache / "index.json"
+    stamp = {"archive": archive.name, "size": archive.stat().st_size}
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            if {k: index.get(k) for k in stamp} == stamp:
+                return index
+        except (OSError, json.JSONDecodeError):
+            pass
+    log.info("indexing %s (once)", archive)
+    index = {**stamp, **_scan_archive(archive, cache, want)}
+    _atomic_write(index_path, json.dumps(index).encode())
+    return index
+
+
+def _match_subtask(name: str, selector: str) -> bool:
+    if any(c in selector for c in _GLOB_CHARS):
+        return fnmatch.fnmatchcase(name, selector)
+    return name == selector or name.startswith(selector + "_")
+
+
+def _suggest(wanted: str, names: Sequence[str], n: int = 5) -> str:
+    close = difflib.get_close_matches(wanted.strip(_GLOB_CHARS + "]"), names, n=n, cutoff=0.4)
+    return ", ".join(close or list(names)[:n])
+
+
+def _parse_bigbench(spec: str) -> tuple[str, list[str]]:
+    body = spec[len(BIGBENCH_PREFIX):].strip()
+    task, _, sub = body.partition("/")
+    task = task.strip()
+    selectors = [s.strip() for s in sub.split(",") if s.strip()] if sub else []
+    if not task:
+        raise IlaError(f"data {spec!r}: missing task name, expected 'bigbench:TASK[/SUBTASK_GLOB,...]'")
+    if sub and not selectors:
+        raise IlaError(f"data {spec!r}: empty subtask selector after '/', "
+                       "expected 'bigbench:TASK/SUBTASK_GLOB'")
+    return task, selectors
+
+
+def bigbench_task_files(spec: str) -> list[tuple[str, Path]]:
+    """The `(name, extracted task.json path)` pairs a `bigbench:` SPEC selects, extracting them if needed."""
+    from ila.assets import bigbench_archive
+
+    task, selectors = _parse_bigbench(spec)
+
+    def wanted_early(rel: str) -> bool:  # what to extract during a first (indexing) scan
+        parts = rel.split("/")
+        if parts[0] != task:
+            return False
+        return len(parts) == 2 or not selectors or any(_match_subtask(parts[1], s) for s in selectors)
+
+    archive = bigbench_archive()
+    cache = _bigbench_cache(archive)
+    index = _bigbench_index(archive, cache, wanted_early)
+    if task not in index["tasks"]:
+        raise IlaError(f"data {spec!r}: no BIG-bench task {task!r} in {archive.name}; "
+                       f"close names: {_suggest(task, index['tasks'])}")
+    files = [rel for rel in index["task_files"] if rel.split("/")[0] == task]
+    subtasks = sorted(rel.split("/")[1] for rel in files if rel.count("/") == 2)
+    if not files:
+        raise IlaError(f"data {spec!r}: BIG-bench task {task!r} is programmatic (no task.json), "
+                       "expected a JSON task")
+    if selectors and not subtasks:
+        raise IlaError(f"data {spec!r}: BIG-bench task {task!r} has no subtasks, use 'bigbench:{task}'")
+    if subtasks:
+        chosen: list[str] = []
+        for sel in selectors or ["*"]:
+            hits = [s for s in subtasks if _match_subtask(s, sel)]
+            if not hits:
+                raise IlaError(f"data {spec!r}: no subtask of {task!r} matches {sel!r}; {len(subtasks)} "
+                               f"subtasks, e.g. {_suggest(sel, subtasks)}")
+            chosen += [s for s in hits if s not in chosen]
+        rels = [f"{task}/{s}/task.json" for s in chosen]
+        names = chosen
+    else:
+        rels, names = [f"{task}/task.json"], [task]
+    missing = {rel for rel in rels if not (cache / "tasks" / rel).is_file()}
+    if missing:
+        log.info("extracting %d task file(s) from %s", len(missing), archive.name)
+        _scan_archive(archive, cache, missing.__contains__, needed=missing)
+        lost = sorted(rel for rel in missing if not (cache / "tasks" / rel).is_file())
+        if lost:
+            raise IlaError(f"{archive}: member {lost[0]} listed in the index but not found; "
+                           f"delete {cache} to rebuild the index")
+    return [(name, cache / "tasks" / rel) for name, rel in zip(names, rels)]
+
+
+def _bigbench_examples(task: str, name: str, path: Path) -> list[Example]:
+    """Examples of one extracted task.json; natural_instructions get the subtask `description` first."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IlaError(f"{path}: unreadable BIG-bench task file ({e}); "
+                       "delete it to extract it again") from None
+    raw = data.get("examples") if isinstance(data, dict) else None
+    if not isinstance(raw, list):
+        raise IlaError(f"{path}: field 'examples' missing or not a list, "
+                       "expected a list of BIG-bench examples")
+    prefix = ""
+    if task == "natural_instructions" and isinstance(data.get("description"), str):
+        prefix = data["description"].strip() + PLAIN_SEPARATOR
+    out, skipped = [], 0
+    for ex in raw:
+        target = _bigbench_target(ex)
+        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or target is None:
+            skipped += 1
+            continue
+        out.append({"messages": [{"role": "user", "content": prefix + ex["input"]},
+                                 {"role": "assistant", "content": target}]})
+    if skipped:
+        log.warning("bigbench %s: skipped %d of %d examples without a text input and target",
+                    name, skipped, len(raw))
+    return out
+
+
+def _bigbench_target(ex: Any) -> str | None:
+    """`target` (a string, or the first of a list), else the best-scoring `target_scores` choice."""
+    if not isinstance(ex, dict):
+        return None
+    target = ex.get("target")
+    if isinstance(target, list):
+        target = next((t for t in target if isinstance(t, str) and t.strip()), None)
+    if isinstance(target, str) and target.strip():
+        return target
+    scores = ex.get("target_scores")
+    if isinstance(scores, dict) and scores:
+        best = max(scores.values())
+        return next(choice for choice, score in scores.items() if score == best)
+    return None
+
+
+def _read_bigbench(spec: str, max_examples: int | None, seed: int) -> list[Example]:
+    task, _ = _parse_bigbench(spec)
+    groups = []
+    for name, path in bigbench_task_files(spec):
+        groups.append(_bigbench_examples(task, name, path))
+    if not any(groups):
+        raise IlaError(f"data {spec!r}: the selected BIG-bench files hold no examples with a text target")
+    if max_examples is None:
+        return [ex for g in groups for ex in g]
+    return _sample_evenly(groups, max_examples, seed)
+
+
+def _sample_evenly(groups: Sequence[Sequence[Example]], k: int, seed: int) -> list[Example]:
+    """K examples spread as evenly as the group sizes allow; each group keeps its order. Deterministic."""
+    quotas = [0] * len(groups)
+    left = min(k, sum(len(g) for g in groups))
+    order = sorted(range(len(groups)), key=lambda i: len(groups[i]))
+    for pos, i in enumerate(order):
+        share = -(-left // (len(order) - pos))  # ceil: the remainder goes to the larger groups first
+        quotas[i] = min(len(groups[i]), share)
+        left -= quotas[i]
+    rng = random.Random(seed)
+    out = []
+    for group, quota in zip(groups, quotas):
+        out += [group[j] for j in sorted(rng.sample(range(len(group)), quota))]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public loading API
+
+
+def load_examples(spec: str | None = None, *, max_examples: int | None = None,
+                  seed: int = 0) -> list[Example]:
+    """Load examples (`{"messages": [...]}`, last message the response) from SPEC (default `DEFAULT_DATA`).
+
+    SPEC: a `.json`/`.jsonl` file, `bigbench:TASK[/SUBTASK_GLOB,...]`, or a `datasets.load_dataset` name or
+    directory. MAX_EXAMPLES keeps a seeded random subset (spread evenly over the selected BIG-bench subtasks).
+    """
+    spec = DEFAULT_DATA if spec is None else str(spec)
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
+        raise IlaError(f"max_examples is {max_examples!r}, expected a positive integer or None")
+    if not spec.strip():
+        raise IlaError("data spec is empty, expected a file, 'bigbench:TASK[/SUBTASK]' or a dataset name")
+    if spec.startswith(BIGBENCH_PREFIX):
+        return _read_bigbench(spec, max_examples, seed)
+    path = Path(spec).expanduser()
+    looks_local = path.suffix.lower() in _LOCAL_SUFFIXES or spec.startswith((".", "/", "~"))
+    if path.is_file() or (looks_local and not path.is_dir()):
+        if not path.exists():
+            raise IlaError(f"{path}: data file not found")
+        examples = _read_local(path)
+    else:
+        return _read_hf(spec if not path.is_dir() else str(path), max_examples, seed)
+    if max_examples is not None and max_examples < len(examples):
+        keep = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
+        examples = [examples[i] for i in keep]
+    return examples
+
+
+def render_prompt(messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The prompt text for MESSAGES (all but the response): the tokenizer's chat template with a generation
+    prompt if it has one, else the plain template (`PLAIN_HEADERS`)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        if not isinstance(text, str):
+            raise IlaError(f"tokenizer {tokenizer.name_or_path!r}: chat template rendered "
+                           f"{type(text).__name__}, expected a string")
+        return text
+    parts = []
+    for msg in messages:
+        header = PLAIN_HEADERS.get(msg["role"], f"### {msg['role'].capitalize()}:\n")
+        parts.append(header + msg["content"] + PLAIN_SEPARATOR)
+    return "".join(parts) + PLAIN_GENERATION_PROMPT
+
+
+def _prompt_ids(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if getattr(tokenizer, "chat_template", None) or bos is None or ids[:1] == [bos]:
+        return list(ids)  # chat templates write their own special tokens
+    # Plain template: prepend BOS only when the tokenizer adds one by default (Llama, Gemma; not GPT-2).
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return [bos, *ids] if with_special[:1] == [bos] else list(ids)
+
+
+def format_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict | None:
+    """Tokenise one example: `input_ids` = prompt ids + response ids + EOS, truncated to MAX_LENGTH from the
+    right; `labels` = -100 on the prompt, the ids on the response. None when no response token is left.
+
+    Prompt and response are tokenised separately, so the prompt part is exactly the prompt's own tokens.
+    """
+    messages = example["messages"]
+    prompt_ids = _prompt_ids(render_prompt(messages[:-1], tokenizer), tokenizer)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise IlaError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token, "
+                       "expected one to end responses")
+    response_ids = [*tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"], eos]
+    if len(prompt_ids) >= max_length:
+        return None
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def build_dataset(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *,
+                  max_length: int) -> Dataset:
+    """Tokenise EXAMPLES (see `format_example`) into a Dataset with input_ids, attention_mask, labels.
+
+    Examples whose prompt fills MAX_LENGTH are dropped (logged); IlaError if none is left.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise IlaError(f"max_length is {max_length!r}, expected an integer >= 2")
+    if not examples:
+        raise IlaError("no examples to tokenise, expected at least one")
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    dropped = 0
+    for ex in examples:
+        row = format_example(ex, tokenizer, max_length)
+        if row is None:
+            dropped += 1
+            continue
+        for key in columns:
+            columns[key].append(row[key])
+    if dropped:
+        log.warning("dropped %d of %d examples whose prompt alone fills max_length=%d",
+                    dropped, len(examples), max_length)
+    if not columns["input_ids"]:
+        raise IlaError(f"all {len(examples)} examples have a prompt of >= max_length={max_length} tokens, "
+                       "expected room for the response; raise max_length")
+    return Dataset.from_dict(columns)
+
+
+def split_train_heldout(dataset: Dataset, *, heldout_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split off round(len * HELDOUT_FRACTION) examples (at least 1 if the fraction is > 0), chosen with SEED.
+
+    Both parts keep the dataset's order. HELDOUT_FRACTION must be in [0, 1); 0 gives an empty held-out set.
+    """
+    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
+            or not 0 <= heldout_fraction < 1:
+        raise IlaError(f"heldout_fraction is {heldout_fraction!r}, expected a number in [0, 1)")
+    n = len(dataset)
+    n_held = 0 if heldout_fraction == 0 else max(1, round(n * heldout_fraction))
+    if n_held >= n:
+        raise IlaError(f"heldout_fraction={heldout_fraction} of {n} example(s) leaves none for training, "
+                       "expected more examples or a smaller fraction")
+    held = set(random.Random(seed).sample(range(n), n_held))
+    train_idx = [i for i in range(n) if i not in held]
+    return dataset.select(train_idx), dataset.select(sorted(held))
+
+
+def collate(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
+    """A collator that pads input_ids with the pad id, attention_mask with 0 and labels with -100.
+
+    If the tokenizer has no pad token, its EOS token becomes the pad token (padding is masked anyway).
+    """
+    from transformers import DataCollatorForSeq2Seq
+
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise IlaError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token, "
+                           "expected one to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                  return_tensors="pt")
+
+
+def load_data(spec: str | None, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 512,
+              max_examples: int | None = None, heldout_fraction: float = 0.1,
+              seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Load SPEC (default `DEFAULT_DATA`), tokenise it and split it: returns (train, heldout) Datasets."""
+    examples = load_examples(spec, max_examples=max_examples, seed=seed)
+    dataset = build_dataset(examples, tokenizer, max_length=max_length)
+    return split_train_heldout(dataset, heldout_fraction=heldout_fraction, seed=seed)

@@ -1,0 +1,121 @@
+"""The per-layer gate σ(sᵢ) over a layer's update ΔWᵢ (ILA, seeds/000 Sec. 3, Eq. 5–6).
+
+    θᵢ = θ₀ᵢ + σ(sᵢ) · ΔWᵢ
+
+One mechanism serves every update kind:
+- a PEFT LoRA layer (ΔW = β·B·A, Eq. 4): the gate multiplies the output of `lora_B`, i.e. the LoRA branch;
+- a fully fine-tuned layer (ΔW = θ_t − θ₀, Obs. 2): the layer is affine in its parameters, so
+  f(x; θ₀ + g·ΔW) = f(x; θ₀) + g·(f(x; θ_t) − f(x; θ₀)), computed from a kept copy of θ₀.
+
+PEFT has no public differentiable per-module scale, so the gate is a forward hook (PEFT's own `scaling`
+is applied after `lora_B`, so the hook composes with it exactly). A merged LoRA layer would skip the hook:
+`attach` refuses merged layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ila.errors import IlaError
+from ila.layers import LayerId, base_model_of
+
+__all__ = ["LayerGates"]
+
+
+class LayerGates(nn.Module):
+    """One learnable score sᵢ per layer; `gates()` = σ(s). Attach to a model to scale each layer's update."""
+
+    def __init__(self, layers: Sequence[LayerId], init_score: float = 4.0) -> None:
+        super().__init__()
+        if not layers:
+            raise IlaError("no layers to gate")
+        self.layers: list[LayerId] = list(layers)
+        self.scores = nn.Parameter(torch.full((len(self.layers),), float(init_score)))
+        self._override: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._initial: dict[str, dict[str, torch.Tensor]] = {}
+        self._computing_base = False
+
+    def gates(self) -> torch.Tensor:
+        """σ(s), or the fixed values set by `fixed(...)`."""
+        return self._override if self._override is not None else torch.sigmoid(self.scores)
+
+    @contextmanager
+    def fixed(self, values: float | torch.Tensor) -> Iterator[None]:
+        """Temporarily replace σ(s) by fixed gate values (a scalar or one value per layer)."""
+        value = torch.as_tensor(values, dtype=self.scores.dtype, device=self.scores.device)
+        self._override = value.expand(len(self.layers)).clone()
+        try:
+            yield
+        finally:
+            self._override = None
+
+    # -- attaching -------------------------------------------------------------------------------------------
+
+    def attach_lora(self, model: nn.Module, adapter_name: str = "default") -> LayerGates:
+        """Gate the LoRA branch of every layer in `self.layers` of a PEFT model."""
+        self.detach()
+        base = base_model_of(model)
+        for index, layer in enumerate(self.layers):
+            module = _get(base, layer.name)
+            lora_b = getattr(module, "lora_B", None)
+            if lora_b is None or adapter_name not in lora_b:
+                raise IlaError(f"layer {layer.name}: has no LoRA adapter {adapter_name!r} to gate")
+            if getattr(module, "merged", False):
+                raise IlaError(f"layer {layer.name}: LoRA weights are merged; unmerge before gating")
+            self._handles.append(lora_b[adapter_name].register_forward_hook(self._scale_hook(index)))
+        return self
+
+    def attach_full(self, model: nn.Module, initial: Mapping[str, Mapping[str, torch.Tensor]]) -> LayerGates:
+        """Gate the full update θ_t − θ₀ of every layer; `initial[name]` holds that layer's θ₀ tensors."""
+        self.detach()
+        base = base_model_of(model)
+        for index, layer in enumerate(self.layers):
+            if layer.name not in initial:
+                raise IlaError(f"layer {layer.name}: no initial weights θ₀ given for its full update")
+            module = _get(base, layer.name)
+            self._initial[layer.name] = {k: v.detach() for k, v in initial[layer.name].items()}
+            self._handles.append(module.register_forward_hook(self._delta_hook(index, layer.name)))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this object registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._initial.clear()
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+
+    def _scale_hook(self, index: int):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output * self.gates()[index].to(output.dtype)
+
+        return hook
+
+    def _delta_hook(self, index: int, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            if self._computing_base:  # the f(x; θ₀) call below runs this hook again
+                return output
+            initial = self._initial[name]
+            self._computing_base = True
+            try:
+                base_output = functional_call(module, {k: v.to(output.device) for k, v in initial.items()}, inputs)
+            finally:
+                self._computing_base = False
+            gate = self.gates()[index].to(output.dtype)
+            return base_output + gate * (output - base_output)
+
+        return hook
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise IlaError(f"layer {name}: not found in model {type(model).__name__}") from exc

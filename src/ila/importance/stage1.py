@@ -1,0 +1,150 @@
+"""ILA stage 1 (seeds/000 Alg. 1, loop body): fine-tune until the loss is ε-stable (Def. 1).
+
+LoRA (default): a PEFT adapter on the chosen linear layers, ΔWᵢ = β·Bᵢ·Aᵢ (Eq. 4).
+Full fine-tuning: the chosen linear layers train, everything else stays at θ₀, so ΔW = θ_t − θ₀ (Obs. 2) is
+exactly the set of updates stage 2 gates. θ₀ of those layers is kept for stage 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+from transformers import TrainerCallback
+
+from ila.config import IdentifyConfig
+from ila.importance.stability import StabilityCallback, StabilityDetector
+from ila.layers import LayerId, base_model_of
+from ila.training import CostCallback, ResponseLossTrainer, training_arguments
+
+
+@dataclass
+class Stage1Result:
+    """The fine-tuned model and what stage 1 measured."""
+
+    model: nn.Module  # a PeftModel (LoRA) or the fine-tuned transformers model (full)
+    initial: dict[str, dict[str, torch.Tensor]] | None  # θ₀ per layer name (full fine-tuning only)
+    stability_step: int | None  # step where the loss became ε-stable; None if max_steps came first
+    steps: int
+    losses: list[float]
+    probe_losses: list[tuple[int, float]]  # (step, estimate of E_z[L]) at each stability check
+    cost: dict[str, float]
+    milestones: list[tuple[float, int, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+
+class _MilestoneCallback(TrainerCallback):
+    """Snapshots the trainable weights at given steps (rankings at training milestones, Table 4)."""
+
+    def __init__(self, model: nn.Module, steps: dict[int, float]) -> None:
+        self.model = model
+        self.steps = steps
+        self.snapshots: list[tuple[float, int, dict[str, torch.Tensor]]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            weights = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            self.snapshots.append((self.steps[state.global_step], state.global_step, weights))
+
+
+def prepare_lora(model: nn.Module, layers: list[LayerId], config: IdentifyConfig) -> nn.Module:
+    """Wrap `model` in a PEFT LoRA adapter on exactly `layers`."""
+    peft_config = PeftLoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=[layer.name for layer in layers],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def prepare_full(model: nn.Module, layers: list[LayerId]) -> dict[str, dict[str, torch.Tensor]]:
+    """Train only `layers` (weights and biases); return their θ₀."""
+    base = base_model_of(model)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    initial = {}
+    for layer in layers:
+        module = base.get_submodule(layer.name)
+        initial[layer.name] = {n: p.detach().clone() for n, p in module.named_parameters(recurse=False)}
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(True)
+    return initial
+
+
+def run_stage1(
+    model: nn.Module,
+    layers: list[LayerId],
+    train_dataset,
+    collator,
+    config: IdentifyConfig,
+    work_dir: Path,
+    *,
+    probe_dataset=None,
+    resume: bool = False,
+) -> Stage1Result:
+    """Train LoRA or the full layers until ε-stable (or `stage1.max_steps`); checkpoints go to `work_dir`.
+
+    `probe_dataset` (held-out examples) estimates the expected loss for the stability test; without it the
+    test uses the smoothed training loss (see `ila.importance.stability`).
+    """
+    s1 = config.stage1
+    initial = None
+    if s1.method == "lora":
+        model = prepare_lora(model, layers, config)
+    else:
+        initial = prepare_full(model, layers)
+    detector = StabilityDetector(s1.epsilon, s1.patience, s1.min_steps)
+    probe = None
+    if probe_dataset is not None and len(probe_dataset) and s1.probe_examples:
+        probe = probe_dataset.select(range(min(s1.probe_examples, len(probe_dataset))))
+    stability = StabilityCallback(detector, use_probe=probe is not None, interval=s1.interval,
+                                  smoothing=s1.smoothing)
+    cost = CostCallback()
+    milestone_steps = {max(1, round(f * s1.max_steps)): f for f in sorted(set(s1.milestones))}
+    milestones = _MilestoneCallback(model, milestone_steps)
+    args = training_arguments(
+        work_dir,
+        max_steps=s1.max_steps,
+        batch_size=s1.batch_size,
+        gradient_accumulation_steps=s1.gradient_accumulation_steps,
+        learning_rate=s1.learning_rate,
+        weight_decay=s1.weight_decay,
+        warmup_ratio=s1.warmup_ratio,
+        seed=config.seed,
+        save_steps=s1.save_steps,
+        report_to=config.report_to,
+        bf16=config.dtype == "bfloat16",
+        eval_steps=s1.interval if probe is not None else None,
+    )
+    trainer = ResponseLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=probe,
+        data_collator=collator,
+        callbacks=[stability, cost, milestones],
+    )
+    checkpoint = _last_checkpoint(work_dir) if resume else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    model.eval()
+    return Stage1Result(
+        model=model,
+        initial=initial,
+        stability_step=detector.fired_at,
+        steps=trainer.state.global_step,
+        losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
+        probe_losses=list(detector.history),
+        cost=cost.summary(),
+        milestones=milestones.snapshots,
+    )
+
+
+def _last_checkpoint(work_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None

@@ -1,0 +1,115 @@
+"""Linear-layer discovery: every linear layer inside the decoder blocks of a causal LM, as a `LayerId`.
+
+`LayerId` is the one vocabulary of the package: rankings, gates, selections and heatmaps all speak it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from ila.errors import IlaError
+
+__all__ = ["LayerId", "find_blocks", "discover_layers", "linear_module_types", "base_model_of"]
+
+
+@dataclass(frozen=True, order=True)
+class LayerId:
+    """One linear layer: `name` (module name in the base model), `block` (decoder block index), `role`.
+
+    `role` is the module's last name component (`q_proj`, `down_proj`, `c_attn`); where that repeats inside one
+    block (GPT-2's `attn.c_proj` and `mlp.c_proj`) it is the shortest unique dotted suffix.
+    """
+
+    name: str
+    block: int
+    role: str
+
+
+def linear_module_types() -> tuple[type, ...]:
+    """Module classes that count as linear layers: `nn.Linear` and GPT-2 style `Conv1D`."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest `nn.ModuleList` of identical modules (`model.layers`, `transformer.h`)."""
+    model = base_model_of(model)
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise IlaError(f"model {type(model).__name__}: found no stack of decoder blocks (an nn.ModuleList)")
+    return best
+
+
+def _unwrap_linear(module: nn.Module) -> nn.Module:
+    """A PEFT-wrapped layer's `base_layer`, else the module."""
+    return getattr(module, "base_layer", module)
+
+
+def discover_layers(model: nn.Module, roles: Sequence[str] | None = None) -> list[LayerId]:
+    """Every linear layer inside the decoder blocks, in block order then module order.
+
+    `roles` filters by role (exact names or regular expressions matched against the whole role). Works on the
+    bare transformers model and on a PEFT-wrapped one (names are those of the base model either way).
+    """
+    base = base_model_of(model)
+    prefix, blocks = find_blocks(base)
+    linear_types = linear_module_types()
+    layers: list[LayerId] = []
+    for index, block in enumerate(blocks):
+        local: list[str] = []
+        for rel_name, module in block.named_modules():
+            if not rel_name or ".lora_" in f".{rel_name}" or rel_name.endswith("base_layer"):
+                continue
+            if isinstance(_unwrap_linear(module), linear_types):
+                local.append(rel_name)
+        for rel_name, role in zip(local, _roles_for(local), strict=True):
+            layers.append(LayerId(name=f"{prefix}.{index}.{rel_name}", block=index, role=role))
+    if roles:
+        patterns = [re.compile(r) for r in roles]
+        layers = [layer for layer in layers if any(p.fullmatch(layer.role) for p in patterns)]
+    if not layers:
+        wanted = f" with roles {list(roles)}" if roles else ""
+        raise IlaError(f"model {type(base).__name__}: no linear layers in its decoder blocks{wanted}")
+    return layers
+
+
+def _roles_for(rel_names: Iterable[str]) -> list[str]:
+    """Shortest dotted suffix of each relative name that is unique within the block."""
+    names = list(rel_names)
+    roles = []
+    for name in names:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if sum(1 for other in names if other == suffix or other.endswith("." + suffix)) == 1:
+                roles.append(suffix)
+                break
+        else:
+            roles.append(name)
+    return roles
+
+
+def role_order(layers: Iterable[LayerId]) -> list[str]:
+    """Roles in the order they first appear in the model (for heatmap rows)."""
+    seen: dict[str, None] = {}
+    for layer in layers:
+        seen.setdefault(layer.role, None)
+    return list(seen)

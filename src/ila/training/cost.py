@@ -1,0 +1,84 @@
+"""Per-step wall time and peak memory of a training run, as a Trainer callback."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import psutil
+import torch
+from transformers import TrainerCallback
+
+
+def peak_memory_bytes() -> int:
+    """CUDA max allocated on GPU, else the process's current resident set size."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(psutil.Process().memory_info().rss)
+
+
+class _RssSampler:
+    """Samples the process RSS every `interval` s: the OS keeps only a lifetime peak, not a resettable one."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+class CostCallback(TrainerCallback):
+    """Records each optimizer step's wall time (ms), peak memory (bytes) and tokens seen."""
+
+    def __init__(self) -> None:
+        self.step_ms: list[float] = []
+        self.peak_bytes = 0
+        self._t0 = 0.0
+        self._sampler: _RssSampler | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._sampler = _RssSampler()
+            self._sampler.start()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.step_ms.append((time.perf_counter() - self._t0) * 1000)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._sampler is not None:
+            self.peak_bytes = self._sampler.stop()
+            self._sampler = None
+        else:
+            self.peak_bytes = peak_memory_bytes()
+
+    def summary(self) -> dict[str, float]:
+        """Median step time and peak memory for run metadata."""
+        return {
+            "steps": len(self.step_ms),
+            "median_step_ms": statistics.median(self.step_ms) if self.step_ms else 0.0,
+            "peak_memory_mb": self.peak_bytes / 2**20,
+        }

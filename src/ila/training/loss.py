@@ -1,0 +1,41 @@
+"""The task loss: mean next-token cross-entropy over response tokens (labels ≠ -100)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ila.layers import base_model_of
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    base = base_model_of(model)
+    cached = getattr(base, "_ila_logits_to_keep", None)
+    if cached is None:
+        cached = "logits_to_keep" in inspect.signature(base.forward).parameters
+        base._ila_logits_to_keep = cached
+    return cached
+
+
+def response_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the response tokens, equal to transformers' own causal-LM loss.
+
+    Logits are computed only at positions whose next token is a response token in some row
+    (`logits_to_keep` with a position tensor, transformers ≥ 4.50): prompts are often long and the
+    LM head over a 50k–260k vocabulary is a large share of a small model's step.
+    """
+    labels = batch["labels"]
+    next_labels = labels[:, 1:]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if _accepts_logits_to_keep(model):
+        keep = (next_labels != -100).any(dim=0).nonzero().squeeze(1)
+        logits = model(**kwargs, logits_to_keep=keep).logits
+        targets = next_labels[:, keep]
+    else:
+        logits = model(**kwargs).logits[:, :-1]
+        targets = next_labels
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -1,0 +1,161 @@
+"""The `ila` command line end to end on tiny saved models, and its one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ila.cli import main
+
+FAST = ["--max-steps", "6", "--stage2-steps", "3", "--max-length", "32"]
+
+
+def run_cli(*args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_dirs, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "llama"
+    assert main(["identify", "--model", str(model_dirs("llama")), "--data", str(data_file), "--out", str(out),
+                 *FAST]) == 0
+    return out
+
+
+def test_identify_writes_a_complete_run_folder(finished_run):
+    data = json.loads((finished_run / "ranking.json").read_text())
+    assert len(data["layers"]) == 14
+    assert set(data["layers"][0]) == {"name", "block", "role", "score", "gate"}
+    meta = data["metadata"]
+    for key in ("model", "data", "seed", "epsilon", "stability_step", "stage1_steps", "stage2_steps", "timings",
+                "versions"):
+        assert key in meta, key
+    assert meta["stage1_steps"] == 6 and meta["stage2_steps"] == 3
+    assert meta["versions"]["transformers"]
+    assert (finished_run / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_same_seed_same_ranking_from_the_cli(finished_run, model_dirs, data_file, tmp_path, capsys):
+    code, out, _ = run_cli("identify", "--model", model_dirs("llama"), "--data", data_file, "--out", tmp_path / "b",
+                           *FAST, capsys=capsys)
+    assert code == 0 and "ranked 14 linear layers" in out
+    first = json.loads((finished_run / "ranking.json").read_text())["layers"]
+    again = json.loads((tmp_path / "b" / "ranking.json").read_text())["layers"]
+    assert [x["score"] for x in first] == [x["score"] for x in again]
+
+
+def test_stage2_alone_on_an_adapter_and_compare(finished_run, model_dirs, data_file, tmp_path, capsys):
+    code, _, err = run_cli("identify", "--model", model_dirs("llama"), "--data", data_file, "--out",
+                           tmp_path / "s2", "--adapter", finished_run / "adapter", "--stage2-steps", "3",
+                           "--max-length", "32", capsys=capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "s2" / "ranking.json").read_text())["metadata"]
+    assert meta["method"] == "stage2-on-adapter" and meta["stage1_steps"] == 0
+    code, out, _ = run_cli("compare", finished_run / "ranking.json", tmp_path / "s2" / "ranking.json",
+                           capsys=capsys)
+    assert code == 0
+    assert out.splitlines()[0].startswith("jaccard@0.75 = ")
+    value = float(out.splitlines()[0].split("=")[1])
+    assert 0 <= value <= 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_identify_on_other_architectures(arch, model_dirs, data_file, tmp_path, capsys):
+    code, _, err = run_cli("identify", "--model", model_dirs(arch), "--data", data_file, "--out", tmp_path / arch,
+                           *FAST, capsys=capsys)
+    assert code == 0, err
+    assert (tmp_path / arch / "ranking.json").is_file()
+
+
+def test_full_method_and_milestones(model_dirs, data_file, tmp_path, capsys):
+    out = tmp_path / "full"
+    code, _, err = run_cli("identify", "--model", model_dirs("qwen2"), "--data", data_file, "--out", out,
+                           "--method", "full", "--milestones", "0.5", *FAST, capsys=capsys)
+    assert code == 0, err
+    assert (out / "delta.safetensors").is_file() and not (out / "adapter").exists()
+    milestone = json.loads((out / "milestones" / "ranking_0.5.json").read_text())
+    assert milestone["metadata"]["milestone_step"] == 3
+
+
+def test_config_file_with_cli_override(model_dirs, data_file, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_length: 32\nlora: {r: 2, target_roles: [q_proj, v_proj]}\nstage1: {max_steps: 50}\n"
+                   "stage2: {steps: 2}\n")
+    code, _, err = run_cli("identify", "--model", model_dirs("llama"), "--data", data_file, "--out",
+                           tmp_path / "o", "--config", cfg, "--max-steps", "4", capsys=capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "o" / "ranking.json").read_text())
+    assert {x["role"] for x in data["layers"]} == {"q_proj", "v_proj"}
+    assert data["metadata"]["stage1_steps"] == 4  # the CLI option beat the file
+
+
+def bad_inputs(tmp_path, model_dir, data_file, finished_run):
+    def write(name, text):
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    broken = write("broken.jsonl", '{"instruction": "w1", "output": "w2"}\n{oops\n')
+    missing_field = write("nofield.jsonl", json.dumps({"instruction": "w1 w2"}) + "\n")
+    empty = write("empty.jsonl", "")
+    corrupt = write("corrupt.json", '{"layers": [{"name": 1}]}')
+    bad_cfg = write("bad.yaml", "stage1: {max_stepz: 3}\n")
+    no_roles = write("roles.yaml", "lora: {target_roles: [nothing_like_this]}\n")
+    other = tmp_path / "other_adapter"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(
+        (finished_run / "adapter" / "adapter_config.json").read_text().replace("model.layers.0", "model.layers.7"))
+    (other / "adapter_model.safetensors").write_bytes(
+        (finished_run / "adapter" / "adapter_model.safetensors").read_bytes())
+    common = ["--model", model_dir, "--data", data_file]
+    return [
+        (["identify", "--model", model_dir, "--data", tmp_path / "nope.jsonl"], "nope.jsonl"),
+        (["identify", "--model", model_dir, "--data", broken], "line 2"),
+        (["identify", "--model", model_dir, "--data", missing_field], "output"),
+        (["identify", "--model", model_dir, "--data", empty], "empty.jsonl"),
+        (["identify", "--model", "no-such-model-anywhere", "--data", data_file], "no-such-model-anywhere"),
+        (["identify", *common, "--config", no_roles], "nothing_like_this"),
+        (["identify", *common, "--adapter", tmp_path], "adapter_config.json"),
+        (["identify", *common, "--adapter", other], "other_adapter"),
+        (["identify", *common, "--max-steps", "-3"], "stage1.max_steps"),
+        (["identify", *common, "--budget", "1.5"], "stage2.budget"),
+        (["identify", *common, "--milestones", "0,2"], "stage1.milestones"),
+        (["identify", *common, "--config", bad_cfg], "max_stepz"),
+        (["identify", *common, "--out", finished_run], "already holds a finished run"),
+        (["compare", corrupt, finished_run / "ranking.json"], "corrupt.json"),
+        (["compare", finished_run / "ranking.json", finished_run / "ranking.json", "--top", "0"], "--top"),
+    ]
+
+
+def test_bad_input_gives_one_line_errors(model_dirs, data_file, finished_run, tmp_path, capsys):
+    for args, needle in bad_inputs(tmp_path, model_dirs("llama"), data_file, finished_run):
+        out_dir = tmp_path / "never"
+        if args[0] == "identify" and "--out" not in args:
+            args = [args[0], *FAST, "--out", out_dir, *args[1:]]  # the case's own options come last and win
+        code, _, err = run_cli(*args, capsys=capsys)
+        errors = [line for line in err.splitlines() if line.startswith("ila: error: ")]
+        assert code == 2, (args, err)
+        assert len(errors) == 1 and err.rstrip().endswith(errors[0]), (args, err)  # progress bars may precede
+        assert needle in errors[0], (needle, errors[0])
+        assert "Traceback" not in err
+        assert not (out_dir / "ranking.json").exists()
+
+
+def test_errors_are_one_line_without_traceback_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ila.cli", "compare", str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"ila: error: ranking {tmp_path / 'a.json'}: file not found"
+
+
+def test_help_explains_every_option():
+    proc = subprocess.run([sys.executable, "-m", "ila.cli", "identify", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for option in ("--model", "--data", "--out", "--config", "--max-steps", "--stage2-steps", "--seed",
+                   "--adapter", "--method", "--epsilon", "--budget", "--resume"):
+        assert option in proc.stdout
+
+
