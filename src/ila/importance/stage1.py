@@ -33,6 +33,7 @@ class Stage1Result:
     losses: list[float]
     probe_losses: list[tuple[int, float]]  # (step, estimate of E_z[L]) at each stability check
     cost: dict[str, float]
+    cost_steps_ms: list[float]  # wall time of every optimizer step
     milestones: list[tuple[float, int, dict[str, torch.Tensor]]] = field(default_factory=list)
 
 
@@ -140,6 +141,7 @@ def run_stage1(
         losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
         probe_losses=list(detector.history),
         cost=cost.summary(),
+        cost_steps_ms=list(cost.step_ms),
         milestones=milestones.snapshots,
     )
 

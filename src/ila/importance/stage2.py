@@ -33,6 +33,7 @@ class Stage2Result:
     scores: list[float]
     losses: list[float]
     cost: dict[str, float]
+    cost_steps_ms: list[float]  # wall time of every optimizer step
 
 
 def budget_penalty(gates: LayerGates, budget: float, weight: float) -> torch.Tensor:
@@ -92,4 +93,5 @@ def run_stage2(
         scores=gates.scores.detach().float().cpu().tolist(),
         losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
         cost=cost.summary(),
+        cost_steps_ms=list(cost.step_ms),
     )

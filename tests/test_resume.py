@@ -1,0 +1,33 @@
+"""A killed `ila identify` resumes stage 1 from its last checkpoint with --resume."""
+
+import json
+import subprocess
+import sys
+import time
+
+
+def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path):
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_length: 32\nstage1: {save_steps: 5, min_steps: 1000, learning_rate: 0.01}\n"
+                   "stage2: {steps: 2}\n")
+    args = [sys.executable, "-m", "ila.cli", "identify", "--model", str(model_dirs("llama")), "--data",
+            str(data_file), "--out", str(out), "--config", str(cfg), "--max-steps", "400"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoints/checkpoint-1[05]")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    done = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoints/checkpoint-*"))
+    assert done and done[-1] < 400, "the run should have been killed mid-way"
+    assert not (out / "ranking.json").exists()
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    meta = json.loads((out / "ranking.json").read_text())["metadata"]
+    assert meta["stage1_steps"] == 400
+    assert meta["stage1_cost"]["steps"] == 400 - done[-1]  # only the remaining steps ran in the second process
+    # the probe history spans the whole run: the checks before the kill were replayed from the checkpoint
+    steps = [step for step, _ in meta["stage1_probe_losses"]]
+    assert steps[0] == 10 and steps[-1] == 400 and steps == sorted(set(steps))
