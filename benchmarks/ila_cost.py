@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from datasets import Dataset
+from transformers import default_data_collator
 
 from ila.config import IdentifyConfig
 from ila.data import build_dataset, collate, load_examples
@@ -43,11 +45,23 @@ def build_model(args):
         config = transformers.LlamaConfig(**SHAPES[args.shape], max_position_embeddings=4096)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = transformers.LlamaForCausalLM(config)
-        if args.bf16_weights:
-            model = model.to(torch.bfloat16)
-        _, tokenizer = load_model(args.model)  # any tokenizer: only token ids of the right range matter
-        return model, tokenizer
-    return load_model(args.model)
+        return model.to(torch.bfloat16) if args.bf16_weights else model
+    return load_model(args.model)[0]
+
+
+def build_batches(args, n: int):
+    """Real instruction data for --model; for --shape, random token ids (the step cost does not depend on them):
+    every sequence `--max-length` long, the second half the response."""
+    if args.shape:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(10, SHAPES[args.shape]["vocab_size"], (n, args.max_length), generator=g)
+        labels = ids.clone()
+        labels[:, : args.max_length // 2] = -100
+        rows = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
+        return Dataset.from_dict(rows), default_data_collator
+    _, tokenizer = load_model(args.model)
+    examples = load_examples(args.data, max_examples=n, seed=0)
+    return build_dataset(examples, tokenizer, max_length=args.max_length), collate(tokenizer)
 
 
 def main() -> int:
@@ -55,7 +69,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape instead of --model")
     p.add_argument("--bf16-weights", action="store_true", help="with --shape: keep weights in bfloat16")
-    p.add_argument("--data", default="bigbench:natural_instructions/*qasc*")
+    p.add_argument("--data", default="bigbench:natural_instructions/*qasc*", help="ignored with --shape")
     p.add_argument("--steps", type=int, default=6, help="measured steps per stage per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
@@ -74,9 +88,8 @@ def main() -> int:
     config.stage1.epsilon, config.stage1.save_steps = 1e-12, 10**9
     config.dtype = "bfloat16" if args.bf16 else "float32"
 
-    examples = load_examples(args.data, max_examples=args.batch_size * (args.steps + 1) * 2, seed=0)
-    model, tokenizer = build_model(args)
-    dataset = build_dataset(examples, tokenizer, max_length=args.max_length)
+    dataset, collator = build_batches(args, args.batch_size * (args.steps + 1) * 2)
+    model = build_model(args)
     layers = discover_layers(model)
     n_params = sum(p.numel() for p in model.parameters())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
@@ -89,10 +102,10 @@ def main() -> int:
     ratios, mem1, mem2, ms1, ms2 = [], [], [], [], []
     for repeat in range(args.repeats):
         if repeat:
-            model, _ = build_model(args)
+            model = build_model(args)
         with tempfile.TemporaryDirectory() as tmp:
-            s1 = run_stage1(model, layers, dataset, collate(tokenizer), config, Path(tmp) / "s1")
-            s2 = run_stage2(s1.model, layers, dataset, collate(tokenizer), config, Path(tmp) / "s2")
+            s1 = run_stage1(model, layers, dataset, collator, config, Path(tmp) / "s1")
+            s2 = run_stage2(s1.model, layers, dataset, collator, config, Path(tmp) / "s2")
         t1 = statistics.median(s1.cost_steps_ms[1:])
         t2 = statistics.median(s2.cost_steps_ms[1:])
         ratios.append(t2 / t1)

@@ -1,10 +1,13 @@
 """The `ila` command line end to end on tiny saved models, and its one-line errors for bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from ila.cli import main
 
@@ -53,8 +56,12 @@ def test_stage2_alone_on_an_adapter_and_compare(finished_run, model_dirs, data_f
                            tmp_path / "s2", "--adapter", finished_run / "adapter", "--stage2-steps", "3",
                            "--max-length", "32", capsys=capsys)
     assert code == 0, err
-    meta = json.loads((tmp_path / "s2" / "ranking.json").read_text())["metadata"]
-    assert meta["method"] == "stage2-on-adapter" and meta["stage1_steps"] == 0
+    data = json.loads((tmp_path / "s2" / "ranking.json").read_text())
+    assert data["metadata"]["method"] == "stage2-on-adapter" and data["metadata"]["stage1_steps"] == 0
+    # same adapter, data, seed and steps as the full run: stage 2 alone reproduces its scores exactly
+    first = json.loads((finished_run / "ranking.json").read_text())["layers"]
+    assert [x["score"] for x in data["layers"]] == [x["score"] for x in first]
+    assert (tmp_path / "s2" / "adapter" / "adapter_model.safetensors").is_file()
     code, out, _ = run_cli("compare", finished_run / "ranking.json", tmp_path / "s2" / "ranking.json",
                            capsys=capsys)
     assert code == 0
@@ -69,6 +76,26 @@ def test_identify_on_other_architectures(arch, model_dirs, data_file, tmp_path, 
                            *FAST, capsys=capsys)
     assert code == 0, err
     assert (tmp_path / arch / "ranking.json").is_file()
+
+
+def test_milestones_leave_the_final_ranking_unchanged(finished_run, model_dirs, data_file, tmp_path, capsys):
+    code, _, err = run_cli("identify", "--model", model_dirs("llama"), "--data", data_file, "--out", tmp_path / "m",
+                           "--milestones", "0.5", *FAST, capsys=capsys)
+    assert code == 0, err
+    final = json.loads((tmp_path / "m" / "ranking.json").read_text())["layers"]
+    plain = json.loads((finished_run / "ranking.json").read_text())["layers"]
+    assert [x["score"] for x in final] == [x["score"] for x in plain]  # the stage-1 weights were restored
+    milestone = json.loads((tmp_path / "m" / "milestones" / "ranking_0.5.json").read_text())["layers"]
+    assert [x["score"] for x in milestone] != [x["score"] for x in plain]
+
+
+def test_another_seed_gives_another_ranking(finished_run, model_dirs, data_file, tmp_path, capsys):
+    code, _, _ = run_cli("identify", "--model", model_dirs("llama"), "--data", data_file, "--out", tmp_path / "s",
+                         "--seed", "1", *FAST, capsys=capsys)
+    assert code == 0
+    other = json.loads((tmp_path / "s" / "ranking.json").read_text())["layers"]
+    plain = json.loads((finished_run / "ranking.json").read_text())["layers"]
+    assert [x["score"] for x in other] != [x["score"] for x in plain]
 
 
 def test_full_method_and_milestones(model_dirs, data_file, tmp_path, capsys):
@@ -110,6 +137,16 @@ def bad_inputs(tmp_path, model_dir, data_file, finished_run):
         (finished_run / "adapter" / "adapter_config.json").read_text().replace("model.layers.0", "model.layers.7"))
     (other / "adapter_model.safetensors").write_bytes(
         (finished_run / "adapter" / "adapter_model.safetensors").read_bytes())
+    bad_regex = write("regex.yaml", "lora: {target_roles: ['q_proj(']}\n")
+    untrained = tmp_path / "untrained"
+    shutil.copytree(finished_run / "adapter", untrained)
+    weights = load_file(untrained / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+              untrained / "adapter_model.safetensors")
+    dora = tmp_path / "dora"
+    shutil.copytree(finished_run / "adapter", dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     common = ["--model", model_dir, "--data", data_file]
     return [
         (["identify", "--model", model_dir, "--data", tmp_path / "nope.jsonl"], "nope.jsonl"),
@@ -124,6 +161,14 @@ def bad_inputs(tmp_path, model_dir, data_file, finished_run):
         (["identify", *common, "--budget", "1.5"], "stage2.budget"),
         (["identify", *common, "--milestones", "0,2"], "stage1.milestones"),
         (["identify", *common, "--config", bad_cfg], "max_stepz"),
+        (["identify", *common, "--seed", "-1"], "seed"),
+        (["identify", *common, "--config", bad_regex], "target_roles"),
+        (["identify", *common, "--out", data_file], "is not a folder"),
+        (["identify", *common, "--adapter", untrained], "untrained"),
+        (["identify", *common, "--adapter", dora], "DoRA"),
+        (["identify", *common, "--adapter", finished_run / "adapter", "--method", "full"], "stage 2 alone"),
+        (["identify", *common, "--max-steps", "many"], "invalid int value"),
+        (["frobnicate"], "invalid choice"),
         (["identify", *common, "--out", finished_run], "already holds a finished run"),
         (["compare", corrupt, finished_run / "ranking.json"], "corrupt.json"),
         (["compare", finished_run / "ranking.json", finished_run / "ranking.json", "--top", "0"], "--top"),
@@ -152,10 +197,22 @@ def test_errors_are_one_line_without_traceback_in_a_real_process(tmp_path):
 
 
 def test_help_explains_every_option():
+    from ila.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and len(action.help) > 10, (name, action.option_strings)
     proc = subprocess.run([sys.executable, "-m", "ila.cli", "identify", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0
-    for option in ("--model", "--data", "--out", "--config", "--max-steps", "--stage2-steps", "--seed",
-                   "--adapter", "--method", "--epsilon", "--budget", "--resume"):
-        assert option in proc.stdout
+    assert proc.returncode == 0 and "ε-stable" in proc.stdout
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path):
+    from ila.errors import IlaError
+
+    with pytest.raises(IlaError, match="file not found"):
+        main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--debug"])
 
 

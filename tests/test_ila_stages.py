@@ -95,7 +95,28 @@ def test_same_seed_same_ranking(toy, tmp_path: Path):
         layers = discover_layers(model)
         config = small_config(epsilon=1e-9, max_steps=10)
         config.stage2.steps = 8
-        torch.manual_seed(config.seed)
         s1 = run_stage1(model, layers, train, collator, config, tmp_path / f"a{run}")
         scores.append(run_stage2(s1.model, layers, train, collator, config, tmp_path / f"b{run}").scores)
     assert scores[0] == scores[1]
+
+
+def test_without_a_probe_set_the_smoothed_training_loss_decides(toy, tmp_path):
+    train, _, collator = toy
+    model = make_model("llama")
+    result = run_stage1(model, discover_layers(model), train, collator, small_config(epsilon=5e-2), tmp_path)
+    steps = [step for step, _ in result.probe_losses]
+    assert steps and all(step % 5 == 0 for step in steps)  # checked every `interval` steps
+    assert result.stability_step is not None and result.stability_step < 40
+
+
+def test_another_seed_another_ranking(toy, tmp_path):
+    train, _, collator = toy
+    scores = []
+    for seed in (0, 1):
+        model = make_model("gpt2")
+        layers = discover_layers(model)
+        config = small_config(epsilon=1e-9, max_steps=10)
+        config.seed, config.stage2.steps = seed, 8
+        s1 = run_stage1(model, layers, train, collator, config, tmp_path / f"a{seed}")
+        scores.append(run_stage2(s1.model, layers, train, collator, config, tmp_path / f"b{seed}").scores)
+    assert scores[0] != scores[1]

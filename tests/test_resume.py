@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+from ila.importance.stage1 import last_complete_checkpoint
+
 
 def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path):
     out = tmp_path / "run"
@@ -19,8 +21,10 @@ def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path)
         time.sleep(0.2)
     proc.kill()
     proc.wait()
-    done = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoints/checkpoint-*"))
+    # the kill may leave the newest checkpoint half-written; resume must use the newest complete one
+    done = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoints/checkpoint-*/trainer_state.json"))
     assert done and done[-1] < 400, "the run should have been killed mid-way"
+    assert last_complete_checkpoint(out / "checkpoints").endswith(f"checkpoint-{done[-1]}")
     assert not (out / "ranking.json").exists()
 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)

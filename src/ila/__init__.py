@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "identify": "ila.api",
+    "train": "ila.api",
+    "TrainConfig": "ila.config",
+    "select_layers": "ila.selection",
+    "Selection": "ila.selection",
     "compare": "ila.comparison",
     "format_comparison": "ila.comparison",
     "Comparison": "ila.comparison",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ila.config import IdentifyConfig, load_config
+from ila.config import IdentifyConfig, TrainConfig, load_config, with_overrides
 from ila.errors import IlaError
-from ila.ranking import Ranking
+
+if TYPE_CHECKING:
+    from ila.ranking import Ranking
 
 # Keyword options of `identify` (the CLI's options) and the config field each one sets.
 IDENTIFY_OPTIONS = {
@@ -47,19 +48,29 @@ def identify(
     if unknown:
         raise IlaError(f"identify: unknown option {unknown[0]!r} (expected one of: {', '.join(IDENTIFY_OPTIONS)})")
     overrides = {IDENTIFY_OPTIONS[k]: v for k, v in options.items()}
-    if isinstance(config, IdentifyConfig):  # through the same validation as a YAML file
-        given = {k: v for k, v in overrides.items() if v is not None}
-        config = load_config(None, _flatten(asdict(config)) | given)
-    else:
-        config = load_config(config, overrides)
+    # an in-memory config goes through the same validation as a YAML file
+    config = with_overrides(config, overrides) if isinstance(config, IdentifyConfig) else load_config(config, overrides)
     return run_identify(config, out, resume=resume)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+
+TRAIN_OPTIONS = ("model", "data", "method", "select", "rankings", "transfer", "seed", "max_steps", "max_examples",
+                 "max_length", "learning_rate", "batch_size")
+
+
+def train(out: str | Path, *, config: TrainConfig | str | Path | None = None, resume: bool = False,
+          **options: Any):
+    """Fine-tune the selected layers (`ila train`); writes the run folder `out` and returns a `TrainRun`.
+
+    `options` are the CLI's options by their Python names (`model`, `data`, `method`, `select`, `rankings`,
+    `transfer`, `seed`, `max_steps`, `max_examples`, `max_length`, `learning_rate`, `batch_size`).
+    """
+    from ila.training.finetune import run_train
+
+    unknown = sorted(set(options) - set(TRAIN_OPTIONS))
+    if unknown:
+        raise IlaError(f"train: unknown option {unknown[0]!r} (expected one of: {', '.join(TRAIN_OPTIONS)})")
+    given = {k: v for k, v in options.items() if v is not None and v != []}
+    if isinstance(config, TrainConfig):
+        return run_train(with_overrides(config, given), out, resume=resume)
+    return run_train(load_config(config, given, TrainConfig), out, resume=resume)

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ila.api import IDENTIFY_OPTIONS
+from ila.api import IDENTIFY_OPTIONS, TRAIN_OPTIONS
 from ila.errors import IlaError
 
 EPILOG = "Docs: README.md and docs/. Add --debug to any command for a full traceback."
@@ -32,11 +32,22 @@ def _add_identify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--milestones", help="comma-separated fractions of --max-steps to also rank at, e.g. 0.25,0.5")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error format: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"ila: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ila", description="Identify the layers that matter for a fine-tune.",
-                                     epilog=EPILOG)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks and library logs")
+    parser = _Parser(prog="ila", description="Identify the layers that matter for a fine-tune.", epilog=EPILOG,
+                     parents=[debug])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[debug], **k)  # --debug also after the subcommand
 
     p = sub.add_parser("identify", help="rank the linear layers of a model for a dataset (ILA)",
                        description="Stage 1 trains LoRA (or full fine-tuning) until the loss is ε-stable; stage 2 "
@@ -47,12 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume stage 1 from the last checkpoint in --out")
     _add_identify_options(p)
 
+    p = sub.add_parser("train", help="fine-tune a selection of layers (LoRA, QLoRA, full, AdaLoRA)",
+                       description="Fine-tune --model on --data, training only the linear layers that --select "
+                       "chooses (the rest frozen or without adapters). Writes the adapter or full weights, "
+                       "selection.json and run.json (cost, held-out loss) to --out.", epilog=EPILOG)
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--model", help="as for identify (default smollm2-135m)")
+    p.add_argument("--data", help="as for identify (default: a natural_instructions subset)")
+    p.add_argument("--config", type=Path, help="YAML config (keys of ila.config.TrainConfig); options override it")
+    p.add_argument("--method", help="lora (default) | qlora | full | adalora")
+    p.add_argument("--select", help="all | freeze-bottom:F | top:F | random:F | first:F | last:F | names:REGEX | "
+                   "intersect:F (see docs/training.md)")
+    p.add_argument("--ranking", dest="rankings", action="append", default=[], type=str,
+                   help="ranking.json for the selection (repeat for intersect)")
+    p.add_argument("--transfer", action="store_true", default=None,
+                   help="map rankings from another architecture by relative depth and role")
+    p.add_argument("--seed", type=int, help="seed (also draws random:F)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--learning-rate", type=float, help="default 2e-4 for adapters, 1e-5 for full fine-tuning")
+    p.add_argument("--batch-size", type=int, help="per-device batch size")
+    p.add_argument("--max-examples", type=int, help="cap on the examples read from --data")
+    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
+
     p = sub.add_parser("compare", help="Jaccard of the top fraction and Spearman correlation between rankings",
                        epilog=EPILOG)
     p.add_argument("rankings", nargs="+", type=Path, help="two or more ranking.json files")
     p.add_argument("--top", type=float, default=0.75, help="fraction of layers in each top set (default 0.75)")
 
-    p = sub.add_parser("demo", help="rank smollm2-135m on two disjoint natural_instructions subsets and compare",
+    p = sub.add_parser("demo", help="rank smollm2-135m on two disjoint natural_instructions subsets "
+                       "(QASC, MCTACO) and compare",
                        epilog=EPILOG)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for both runs (default runs/demo)")
     p.add_argument("--max-steps", type=int, help="stage-1 step cap of each run")
@@ -62,12 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.debug)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return int(exc.code or 0)
+    debug = getattr(args, "debug", False)
+    _configure_logging(debug)
     try:
         return _run(args)
     except IlaError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"ila: error: {exc}", file=sys.stderr)
         return 2
@@ -87,6 +126,16 @@ def _run(args: argparse.Namespace) -> int:
               f"{meta.get('stability_step')}, stage-1 steps {meta.get('stage1_steps')}, "
               f"stage-2 steps {meta.get('stage2_steps')}")
         print(f"wrote {args.out / 'ranking.json'} and {args.out / 'heatmap.png'}")
+        return 0
+    if args.command == "train":
+        run = ila.train(args.out, config=args.config, resume=args.resume,
+                        **{name: getattr(args, name) for name in TRAIN_OPTIONS})
+        c = run.cost
+        print(f"trained {c['trained_layers']} linear layers ({c['trained_layer_fraction']:.0%}), "
+              f"{c['trainable_params']:,} trainable parameters, {c['steps']} steps, median {c['median_step_ms']:.0f} "
+              f"ms/step, {c['tokens_per_s']:.0f} tokens/s, peak memory {c['peak_memory_mb']:.0f} MiB"
+              + (f", held-out loss {run.heldout_loss:.4f}" if run.heldout_loss is not None else ""))
+        print(f"wrote {args.out / 'run.json'}")
         return 0
     if args.command == "compare":
         print(ila.format_comparison(ila.compare(args.rankings, top=args.top)))

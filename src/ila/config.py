@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -80,6 +81,8 @@ class IdentifyConfig:
     def validate(self) -> IdentifyConfig:
         """Raise `IlaError` naming the first invalid field."""
         s1, s2 = self.stage1, self.stage2
+        _seed(self.seed)
+        _regexes("lora.target_roles", self.lora.target_roles)
         _positive("stage1.max_steps", s1.max_steps)
         _positive("stage1.batch_size", s1.batch_size)
         _positive("stage1.gradient_accumulation_steps", s1.gradient_accumulation_steps)
@@ -119,6 +122,92 @@ class IdentifyConfig:
         return self
 
 
+METHODS = ("lora", "qlora", "full", "adalora")
+
+
+@dataclass
+class AdaLoraSettings:
+    """AdaLoRA rank allocation (PEFT `AdaLoraConfig`); steps are fractions of `max_steps`."""
+
+    init_r: int = 12
+    target_r: int = 8
+    tinit: float = 0.1  # fraction of steps before rank pruning starts
+    tfinal: float = 0.2  # fraction of final steps with the ranks fixed
+    delta_t: int = 10  # steps between two rank re-allocations
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ila train` needs. Defaults: seeds/000 App. B."""
+
+    model: str | None = None
+    data: str | None = None
+    method: str = "lora"  # lora | qlora | full | adalora
+    select: str = "all"  # see ila.selection
+    rankings: list[str] = field(default_factory=list)
+    transfer: bool = False  # map rankings from another architecture by relative depth and role
+    seed: int = 0
+    max_length: int = 512
+    max_examples: int | None = None
+    heldout_fraction: float = 0.05
+    max_steps: int = 200
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float | None = None  # None: 2e-4 for adapters, 1e-5 for full fine-tuning
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.01
+    scheduler: str = "cosine"
+    save_steps: int = 50
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; QLoRA compute dtype)
+    report_to: str = "none"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
+
+    def validate(self) -> TrainConfig:
+        if self.method not in METHODS:
+            raise IlaError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        _seed(self.seed)
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "max_length"):
+            _positive(name, getattr(self, name))
+        if self.learning_rate is not None:
+            _positive("learning_rate", self.learning_rate)
+        if self.max_examples is not None:
+            _positive("max_examples", self.max_examples)
+        _non_negative("weight_decay", self.weight_decay)
+        _fraction("warmup_ratio", self.warmup_ratio, allow_zero=True)
+        if not 0 <= self.heldout_fraction < 1:
+            raise IlaError(f"heldout_fraction: {self.heldout_fraction!r} is not in [0, 1)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise IlaError(f"dtype: {self.dtype!r} is not one of 'float32', 'bfloat16'")
+        _positive("lora.r", self.lora.r)
+        _positive("lora.alpha", self.lora.alpha)
+        if not 0 <= self.lora.dropout < 1:
+            raise IlaError(f"lora.dropout: {self.lora.dropout!r} is not in [0, 1)")
+        a = self.adalora
+        _positive("adalora.init_r", a.init_r)
+        _positive("adalora.target_r", a.target_r)
+        _positive("adalora.delta_t", a.delta_t)
+        if not (0 <= a.tinit < 1 and 0 <= a.tfinal < 1 and a.tinit + a.tfinal < 1):
+            raise IlaError(f"adalora.tinit + adalora.tfinal: {a.tinit} + {a.tfinal} must be fractions summing below 1")
+        from ila.selection import parse_select
+
+        parse_select(self.select)
+        return self
+
+
+def _seed(value: int) -> None:
+    if not 0 <= value < 2**32:
+        raise IlaError(f"seed: {value!r} is not in [0, 2**32)")
+
+
+def _regexes(name: str, patterns: list[str] | None) -> None:
+    for pattern in patterns or []:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise IlaError(f"{name}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise IlaError(f"{name}: {value!r} must be > 0")
@@ -135,8 +224,12 @@ def _fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
         raise IlaError(f"{name}: {value!r} is not a fraction in {'[0' if allow_zero else '(0'}, 1]")
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> IdentifyConfig:
-    """Read a YAML config (optional), apply dotted `overrides` ({"stage1.max_steps": 10}), validate."""
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, cls: type | None = None) -> Any:
+    """Read a YAML config (optional), apply dotted `overrides` ({"stage1.max_steps": 10}), validate.
+
+    `cls` is the job's config class (default `IdentifyConfig`).
+    """
+    cls = cls or IdentifyConfig
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -155,11 +248,30 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             continue
         node = raw
         *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(parents):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                section = ".".join(parents[: depth + 1])
+                raise IlaError(f"config {path}: '{section}' must be a mapping of keys, got {node[part]!r}")
+            node = node[part]
         node[leaf] = value
     where = f"config {path}: " if path is not None else ""
-    return _build(IdentifyConfig, raw, where, "").validate()
+    return _build(cls, raw, where, "").validate()
+
+
+def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """A validated copy of a config object with dotted `overrides` applied (None values are skipped)."""
+    raw = dataclasses.asdict(config)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return _build(type(config), raw, "", "").validate()
 
 
 def _build(cls: type, raw: dict[str, Any], where: str, prefix: str) -> Any:

@@ -573,6 +573,8 @@ def collate(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
     """A collator that pads input_ids with the pad id, attention_mask with 0 and labels with -100.
 
     If the tokenizer has no pad token, its EOS token becomes the pad token (padding is masked anyway).
+    Padding goes on the right: without explicit position ids, left padding would shift the positions of
+    models with absolute position embeddings (GPT-2).
     """
     from transformers import DataCollatorForSeq2Seq
 
@@ -581,6 +583,7 @@ def collate(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
             raise IlaError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token, "
                            "expected one to pad with")
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                   return_tensors="pt")
 

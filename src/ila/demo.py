@@ -1,5 +1,8 @@
 """`ila demo`: rank smollm2-135m's layers on two disjoint natural_instructions subsets and compare them.
 
+QASC (science facts, subtasks 036–042) and MCTACO (temporal commonsense, 003–021) are disjoint task
+families whose prompts mostly fit the demo's 256 tokens.
+
 The paper's Table 2 compares rankings from different alignment datasets by Jaccard@75 %. The demo does the
 same in miniature and prints what it measured, next to the Jaccard two random rankings would have.
 """
@@ -13,10 +16,12 @@ from pathlib import Path
 
 from ila.api import identify
 from ila.comparison import compare
+from ila.errors import IlaError
+from ila.ranking import Ranking
 
 DATASETS = {
     "qasc": "bigbench:natural_instructions/*qasc*",
-    "winogrande": "bigbench:natural_instructions/*winogrande*",
+    "mctaco": "bigbench:natural_instructions/*mctaco*",
 }
 
 
@@ -32,6 +37,20 @@ def random_jaccard(n: int, top: float) -> float:
     return overlap / (2 * k - overlap)
 
 
+def _reuse(run_dir: Path, *, seed: int, max_steps: int | None, stage2_steps: int | None) -> Ranking:
+    """A finished demo run, if it was made with the same settings; else a one-line error."""
+    ranking = Ranking.load(run_dir / "ranking.json")
+    config = ranking.metadata.get("config", {})
+    wanted = {"seed": seed, "stage1.max_steps": max_steps, "stage2.steps": stage2_steps}
+    have = {"seed": config.get("seed"), "stage1.max_steps": config.get("stage1", {}).get("max_steps"),
+            "stage2.steps": config.get("stage2", {}).get("steps")}
+    for key, value in wanted.items():
+        if value is not None and have[key] != value:
+            raise IlaError(f"demo folder {run_dir}: holds a run with {key}={have[key]}, not {value}; "
+                           "pass another --out")
+    return ranking
+
+
 def run_demo(out: str | Path, *, max_steps: int | None = None, stage2_steps: int | None = None,
              seed: int = 0) -> float:
     """Run both identifications into `out/<name>/`, print a summary; returns Jaccard@0.75."""
@@ -42,9 +61,7 @@ def run_demo(out: str | Path, *, max_steps: int | None = None, stage2_steps: int
         print(f"[{name}] ILA on smollm2-135m with {data}")
         run_dir = out / name
         if (run_dir / "ranking.json").exists():
-            from ila.ranking import Ranking
-
-            rankings[name] = Ranking.load(run_dir / "ranking.json")
+            rankings[name] = _reuse(run_dir, seed=seed, max_steps=max_steps, stage2_steps=stage2_steps)
             print(f"[{name}] reusing the finished run in {run_dir}")
             continue
         rankings[name] = identify(run_dir, config=demo_config_path(), data=data, seed=seed, max_steps=max_steps,

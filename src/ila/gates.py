@@ -103,9 +103,11 @@ class LayerGates(nn.Module):
             if self._computing_base:  # the f(x; θ₀) call below runs this hook again
                 return output
             initial = self._initial[name]
+            if any(v.device != output.device for v in initial.values()):  # once: θ₀ follows the model's device
+                initial = self._initial[name] = {k: v.to(output.device) for k, v in initial.items()}
             self._computing_base = True
             try:
-                base_output = functional_call(module, {k: v.to(output.device) for k, v in initial.items()}, inputs)
+                base_output = functional_call(module, initial, inputs)
             finally:
                 self._computing_base = False
             gate = self.gates()[index].to(output.dtype)

@@ -43,14 +43,20 @@ def base_model_of(model: nn.Module) -> nn.Module:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the longest `nn.ModuleList` of identical modules (`model.layers`, `transformer.h`)."""
+    """The decoder blocks: the `nn.ModuleList` of identical modules (`model.layers`, `transformer.h`) whose length
+    is the config's `num_hidden_layers`; without that field, the longest such list."""
     model = base_model_of(model)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    depth = getattr(text_config, "num_hidden_layers", None)
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(m) for m in module}) != 1:
             continue
+        if depth is not None and len(module) == depth:
+            return name, module  # the outermost list of the right length (not a list of experts inside a block)
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:

@@ -15,7 +15,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
@@ -95,8 +95,11 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    quantization_config: Any | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (model in eval mode, `pad_token` set).
+
+    `quantization_config` (e.g. a bitsandbytes 4-bit config for QLoRA) is passed to `from_pretrained`.
 
     SPEC is an embedded name (default `smollm2-135m`; these names take precedence over same-named folders,
     write `./name` for the folder), a local Hugging Face model folder, a `.gguf` file, or a hub repo id.
@@ -115,8 +118,10 @@ def load_model(
     elif src.kind == "folder":
         folder = Path(src.value)
     else:
-        return _load_hub(src.value, dtype=dtype, trust_remote_code=trust_remote_code)
-    return _load_folder(folder, shown, dtype=dtype, trust_remote_code=trust_remote_code)
+        return _load_hub(src.value, dtype=dtype, trust_remote_code=trust_remote_code,
+                         quantization_config=quantization_config)
+    return _load_folder(folder, shown, dtype=dtype, trust_remote_code=trust_remote_code,
+                        quantization_config=quantization_config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,7 +139,7 @@ def _has_safetensors(folder: Path) -> bool:
 
 
 def _load_folder(
-    folder: Path, shown: str, *, dtype: torch.dtype, trust_remote_code: bool
+    folder: Path, shown: str, *, dtype: torch.dtype, trust_remote_code: bool, quantization_config: Any = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,6 +150,7 @@ def _load_folder(
             trust_remote_code=trust_remote_code,
             use_safetensors=True if _has_safetensors(folder) else None,
             local_files_only=True,
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
         )
     except (OSError, ValueError, KeyError) as err:
         raise IlaError(f"model {shown!r}: could not load a model from {folder}: {_first_line(err)}") from err
@@ -244,7 +250,7 @@ def _hub_reachable(endpoint: str) -> bool:
 
 
 def _load_hub(
-    repo: str, *, dtype: torch.dtype, trust_remote_code: bool
+    repo: str, *, dtype: torch.dtype, trust_remote_code: bool, quantization_config: Any = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -253,11 +259,13 @@ def _load_hub(
         AutoConfig.from_pretrained(repo, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):
-            raise IlaError(f"model {repo!r}: the repo runs custom code; pass trust_remote_code=True") from err
+            raise IlaError(f"model {repo!r}: the repo runs custom code, which ila never runs by default "
+                           "(the API's load_model(..., trust_remote_code=True) allows it)") from err
         raise _not_found(repo) from err
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            repo, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local_only
+            repo, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local_only,
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
         )
         tokenizer = AutoTokenizer.from_pretrained(
             repo, trust_remote_code=trust_remote_code, local_files_only=local_only

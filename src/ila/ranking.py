@@ -131,7 +131,7 @@ class Ranking:
                 value = row.get(key)
                 if not isinstance(value, kind) or isinstance(value, bool):
                     raise IlaError(f"ranking {path}: layers[{i}].{key} is missing or not a {_kind_name(kind)}")
-            if not math.isfinite(row["score"]):
+            if not _finite(row["score"]):
                 raise IlaError(f"ranking {path}: layers[{i}].score is not a finite number")
             entries.append(LayerScore(LayerId(row["name"], row["block"], row["role"]), float(row["score"])))
         if not entries:
@@ -140,6 +140,13 @@ class Ranking:
             raise IlaError(f"ranking {path}: layer names repeat")
         metadata = data.get("metadata", {})
         return cls(entries, metadata if isinstance(metadata, dict) else {})
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond the float range
+        return False
 
 
 def _kind_name(kind: Any) -> str:

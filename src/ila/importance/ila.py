@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import platform
 import shutil
 import time
@@ -21,13 +23,13 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import set_seed
 
 from ila.config import IdentifyConfig, to_dict
-from ila.data import build_dataset, collate, load_examples, split_train_heldout
+from ila.data import DEFAULT_DATA, build_dataset, collate, load_examples, split_train_heldout
 from ila.errors import IlaError
 from ila.importance.stage1 import run_stage1
 from ila.importance.stage2 import run_stage2
@@ -52,17 +54,32 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def check_output_folder(out: Path, marker: str) -> None:
+    """Refuse an output path that is a file, lies under a file, or already holds a finished run."""
+    if out.exists() and not out.is_dir():
+        raise IlaError(f"output folder {out}: exists and is not a folder")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise IlaError(f"output folder {out}: {parent} is not a writable folder")
+    if (out / marker).exists():
+        raise IlaError(f"output folder {out}: already holds a finished run ({marker}); choose another --out")
+
+
 def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = False) -> Ranking:
     """Rank the linear layers of `config.model` for fine-tuning on `config.data`; write the run folder `out`."""
     config.validate()
     out = Path(out)
-    if (out / "ranking.json").exists() and not resume:
-        raise IlaError(f"output folder {out}: already holds a finished run (ranking.json); choose another --out")
+    if config.adapter and (config.stage1.method != "lora" or config.stage1.milestones or resume):
+        raise IlaError("--adapter runs stage 2 alone: it takes no --method full, --milestones or --resume")
+    if not resume:
+        check_output_folder(out, "ranking.json")
     started = time.perf_counter()
     set_seed(config.seed)
     examples = load_examples(config.data, max_examples=config.max_examples, seed=config.seed)  # fail fast
     model, tokenizer = load_model(config.model, trust_remote_code=False)
     layers = discover_layers(model, config.lora.target_roles)
+    if config.adapter:
+        model, layers = _load_adapter(model, layers, config.adapter)
     dataset = build_dataset(examples, tokenizer, max_length=config.max_length)
     train, heldout = split_train_heldout(dataset, heldout_fraction=config.heldout_fraction, seed=config.seed)
     collator = collate(tokenizer)
@@ -70,7 +87,7 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     meta: dict = {
         "model": model_label(config.model),
-        "data": config.data or "default",
+        "data": config.data or DEFAULT_DATA,
         "seed": config.seed,
         "method": "stage2-on-adapter" if config.adapter else f"ila-{config.stage1.method}",
         "train_examples": len(train),
@@ -81,10 +98,10 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     }
 
     initial = None
+    milestones: list = []
     if config.adapter:
-        model, layers = _load_adapter(model, layers, config.adapter)
+        shutil.copytree(config.adapter, out / "adapter", dirs_exist_ok=True)
         meta.update(adapter=str(config.adapter), stability_step=None, stage1_steps=0)
-        milestones: list = []
     else:
         t = time.perf_counter()
         set_seed(config.seed)
@@ -94,6 +111,10 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
         model, initial, milestones = s1.model, s1.initial, s1.milestones
         meta.update(stability_step=s1.stability_step, stage1_steps=s1.steps, stage1_cost=s1.cost,
                     stage1_final_loss=s1.losses[-1] if s1.losses else None, stage1_probe_losses=s1.probe_losses)
+        missing = sorted(set(config.stage1.milestones) - {f for f, _, _ in milestones})
+        if missing:  # after the ε-stop, or before the step a resumed run started from
+            log.warning("no snapshot for milestones %s: stage 1 did not pass their steps in this process", missing)
+            meta["milestones_missing"] = missing
         _save_update(model, layers, initial, out)
 
     for fraction, step, weights in milestones:
@@ -102,7 +123,7 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
         set_seed(config.seed)
         s2 = run_stage2(model, layers, train, collator, config, out / "stage2", initial=initial)
         _load_weights(model, current)
-        ranking = Ranking.from_scores(layers, s2.scores, {**meta, "milestone": fraction, "milestone_step": step})
+        ranking = _ranking(layers, s2.scores, {**meta, "milestone": fraction, "milestone_step": step})
         ranking.save(out / "milestones" / f"ranking_{fraction:g}.json")
 
     t = time.perf_counter()
@@ -112,11 +133,18 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     timings["total_s"] = time.perf_counter() - started
     meta.update(stage2_steps=len(s2.losses), stage2_cost=s2.cost,
                 stage2_final_loss=s2.losses[-1] if s2.losses else None, timings=timings)
-    ranking = Ranking.from_scores(layers, s2.scores, meta)
+    ranking = _ranking(layers, s2.scores, meta)
     plot_heatmap(ranking, out / "heatmap.png", title=f"ILA scores: {meta['model']} on {meta['data']}")
     shutil.rmtree(out / "stage2", ignore_errors=True)
     ranking.save(out / "ranking.json")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # kept only to resume an unfinished run
     return ranking
+
+
+def _ranking(layers: list[LayerId], scores: list[float], meta: dict) -> Ranking:
+    if not all(math.isfinite(s) for s in scores):
+        raise IlaError("stage 2 diverged (non-finite scores); lower stage2.learning_rate or check the data")
+    return Ranking.from_scores(layers, scores, meta)
 
 
 def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -135,38 +163,43 @@ def _save_update(model, layers: list[LayerId], initial, out: Path) -> None:
     delta = {}
     for layer in layers:
         for pname, p in base.get_submodule(layer.name).named_parameters(recurse=False):
-            delta[f"{layer.name}.{pname}"] = (p.detach() - initial[layer.name][pname]).contiguous().cpu()
+            delta[f"{layer.name}.{pname}"] = (p.detach() - initial[layer.name][pname].to(p.device)).contiguous().cpu()
     save_file(delta, str(out / "delta.safetensors"))
 
 
 def _load_adapter(model, layers: list[LayerId], adapter: str | Path):
-    """Load a PEFT LoRA adapter for stage 2 alone; return the PEFT model and the layers it adapts."""
+    """Load a trained PEFT LoRA adapter for stage 2 alone; return the PEFT model and the layers it adapts."""
     adapter = Path(adapter)
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise IlaError(f"adapter {adapter}: no adapter_config.json (expected a PEFT adapter folder)")
     try:
-        peft_type = json.loads(config_file.read_text()).get("peft_type")
-    except json.JSONDecodeError as exc:
+        adapter_config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IlaError(f"adapter {adapter}: adapter_config.json is not valid JSON ({exc})") from None
-    if peft_type != "LORA":
-        raise IlaError(f"adapter {adapter}: peft_type {peft_type!r}, expected 'LORA'")
+    if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
+        kind = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
+        raise IlaError(f"adapter {adapter}: peft_type {kind!r}, expected 'LORA'")
+    if adapter_config.get("use_dora"):
+        raise IlaError(f"adapter {adapter}: DoRA adapters are not supported (the gate assumes ΔW = β·B·A)")
+    weights_file = adapter / "adapter_model.safetensors"
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        with safe_open(str(weights_file), "pt") as f:
+            saved = set(f.keys())
+    except Exception as exc:  # noqa: BLE001 - PEFT, safetensors and torch raise many types for a bad adapter
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IlaError(f"adapter {adapter}: does not match the model ({first[:200]})") from None
+        raise IlaError(f"adapter {adapter}: does not match the model or is unreadable ({first[:200]})") from None
+    expected = set(get_peft_model_state_dict(peft_model))
+    if saved != expected:
+        extra, missing = sorted(saved - expected), sorted(expected - saved)
+        what = f"weight {extra[0]} has no matching layer" if extra else f"no weight for {missing[0]}"
+        raise IlaError(f"adapter {adapter}: does not match the model ({what})")
     base = base_model_of(peft_model)
     adapted = [layer for layer in layers if hasattr(base.get_submodule(layer.name), "lora_B")]
     if not adapted:
         raise IlaError(f"adapter {adapter}: adapts none of the model's linear layers")
-    weights_file = adapter / "adapter_model.safetensors"
-    if weights_file.is_file():
-        model_keys = {n for n, _ in peft_model.named_parameters() if ".lora_" in n}
-        with safe_open(str(weights_file), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                stem = key.removesuffix(".weight")
-                if not any(n.startswith(stem + ".") for n in model_keys):
-                    raise IlaError(f"adapter {adapter}: weight {key} has no matching layer in the model")
+    if all(not torch.any(p) for n, p in peft_model.named_parameters() if "lora_B" in n):
+        raise IlaError(f"adapter {adapter}: is untrained (every lora_B is zero), so no layer's update can be scored")
     peft_model.eval()
     return peft_model, adapted

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ila.config import IdentifyConfig
+from ila.errors import IlaError
 from ila.importance.stability import StabilityCallback, StabilityDetector
 from ila.layers import LayerId, base_model_of
 from ila.training import CostCallback, ResponseLossTrainer, training_arguments
@@ -101,12 +102,12 @@ def run_stage1(
         initial = prepare_full(model, layers)
     detector = StabilityDetector(s1.epsilon, s1.patience, s1.min_steps)
     probe = None
-    if probe_dataset is not None and len(probe_dataset) and s1.probe_examples:
-        probe = probe_dataset.select(range(min(s1.probe_examples, len(probe_dataset))))
+    if probe_dataset is not None and len(probe_dataset) and s1.probe_examples:  # a seeded sample of E_z
+        probe = probe_dataset.shuffle(seed=config.seed).select(range(min(s1.probe_examples, len(probe_dataset))))
     stability = StabilityCallback(detector, use_probe=probe is not None, interval=s1.interval,
                                   smoothing=s1.smoothing)
     cost = CostCallback()
-    milestone_steps = {max(1, round(f * s1.max_steps)): f for f in sorted(set(s1.milestones))}
+    milestone_steps = milestone_schedule(s1.milestones, s1.max_steps)
     milestones = _MilestoneCallback(model, milestone_steps)
     args = training_arguments(
         work_dir,
@@ -130,7 +131,7 @@ def run_stage1(
         data_collator=collator,
         callbacks=[stability, cost, milestones],
     )
-    checkpoint = _last_checkpoint(work_dir) if resume else None
+    checkpoint = last_complete_checkpoint(work_dir) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     model.eval()
     return Stage1Result(
@@ -146,7 +147,21 @@ def run_stage1(
     )
 
 
-def _last_checkpoint(work_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def milestone_schedule(fractions: list[float], max_steps: int) -> dict[int, float]:
+    """Step of each milestone fraction of `max_steps`; two fractions on one step are an error."""
+    steps: dict[int, float] = {}
+    for f in sorted(set(fractions)):
+        step = max(1, round(f * max_steps))
+        if step in steps:
+            raise IlaError(f"stage1.milestones: {steps[step]:g} and {f:g} both fall on step {step} of {max_steps}")
+        steps[step] = f
+    return steps
 
-    return get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+
+def last_complete_checkpoint(work_dir: Path) -> str | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` was written (the Trainer writes it last)."""
+    if not work_dir.is_dir():
+        return None
+    done = [p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None

@@ -75,6 +75,11 @@ class CostCallback(TrainerCallback):
         else:
             self.peak_bytes = peak_memory_bytes()
 
+    def tokens_per_second(self, tokens: int | float) -> float:
+        """Tokens processed per second of measured step time."""
+        seconds = sum(self.step_ms) / 1000
+        return float(tokens) / seconds if seconds > 0 else 0.0
+
     def summary(self) -> dict[str, float]:
         """Median step time and peak memory for run metadata."""
         return {

@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from ila.errors import IlaError
 from ila.training.loss import response_loss
 
 
@@ -29,6 +30,9 @@ class ResponseLossTrainer(Trainer):
     `frozen_eval=True` keeps the model in eval mode during training steps (no dropout): used by stage 2,
     where only the gate scores learn and the network must behave as at inference.
     """
+
+    # compute_loss returns each micro-batch's mean; the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self, *args: Any, extra_loss: Callable[[], torch.Tensor] | None = None, frozen_eval: bool = False,
@@ -72,32 +76,37 @@ def training_arguments(
     logging_steps: int = 1,
     eval_steps: int | None = None,
 ) -> TrainingArguments:
-    """TrainingArguments shared by both stages: AdamW β = (0.9, 0.99) (seeds/000 App. B); eval only if asked."""
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        adam_beta1=0.9,
-        adam_beta2=0.99,
-        lr_scheduler_type=scheduler,
-        warmup_steps=warmup_ratio,  # a float below 1 is a ratio of max_steps (transformers ≥ 5)
-        logging_steps=logging_steps,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        save_total_limit=2,
-        report_to=report_to,
-        seed=seed,
-        data_seed=seed,
-        bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        eval_strategy="steps" if eval_steps else "no",
-        eval_steps=eval_steps,
-        per_device_eval_batch_size=batch_size,
-        prediction_loss_only=True,
-    )
+    """TrainingArguments shared by all jobs: AdamW β = (0.9, 0.99) (seeds/000 App. B); eval only if asked."""
+    try:
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            adam_beta1=0.9,
+            adam_beta2=0.99,
+            lr_scheduler_type=scheduler,
+            warmup_steps=round(warmup_ratio * max_steps),
+            logging_steps=logging_steps,
+            save_strategy="steps" if save_steps else "no",
+            save_steps=save_steps or 500,
+            save_total_limit=2,
+            report_to=report_to,
+            seed=seed,
+            data_seed=seed,
+            bf16=bf16,
+            use_cpu=not torch.cuda.is_available(),
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+            eval_strategy="steps" if eval_steps else "no",
+            eval_steps=eval_steps,
+            per_device_eval_batch_size=batch_size,
+            prediction_loss_only=True,
+            include_num_input_tokens_seen="non_padding",
+        )
+    except (ValueError, ImportError) as exc:  # e.g. an unknown report_to integration
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise IlaError(f"training arguments: {first[:300]}") from None

@@ -1,0 +1,176 @@
+"""`ila train`: fine-tune a selection of linear layers with LoRA, QLoRA, AdaLoRA or full fine-tuning.
+
+data → model → selection (ila.selection) → method → HF Trainer → run folder::
+
+    DIR/run.json           config, selection summary, cost, held-out loss (written last: the run finished)
+    DIR/selection.json     trained layers (names, count, fraction); cross-model mapping when transferred
+    DIR/adapter/           PEFT adapter (lora, qlora, adalora)      DIR/model/  full weights (safetensors)
+    DIR/checkpoints/       Trainer checkpoints (resume with --resume)
+
+"Frozen" means: no adapter on that layer (adapter methods), or `requires_grad=False` on its weight and bias
+(full fine-tuning), so neither gradients nor optimizer state are ever allocated for it.
+Defaults follow seeds/000 App. B: AdamW β = (0.9, 0.99), weight decay 0.1, cosine, warmup 0.01, LoRA r = 32,
+dropout 0.1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, set_seed
+
+from ila.config import TrainConfig, to_dict
+from ila.data import build_dataset, collate, load_examples, split_train_heldout
+from ila.errors import IlaError
+from ila.importance.ila import check_output_folder
+from ila.importance.stage1 import last_complete_checkpoint
+from ila.layers import LayerId, base_model_of, discover_layers
+from ila.models import load_model, model_label
+from ila.ranking import Ranking, write_json_atomic
+from ila.selection import Selection, parse_select, select_layers
+from ila.training.cost import CostCallback
+from ila.training.trainer import ResponseLossTrainer, training_arguments
+
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "adalora": 2e-4, "full": 1e-5}
+
+
+class AdaLoraAllocationCallback(TrainerCallback):
+    """Calls PEFT's `update_and_allocate` after every optimizer step (before gradients are zeroed)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
+@dataclass
+class TrainRun:
+    """What `ila train` produced."""
+
+    model: nn.Module
+    selection: Selection
+    cost: dict
+    heldout_loss: float | None
+    trainer: ResponseLossTrainer
+
+
+def quantization_config(dtype: torch.dtype):
+    """bitsandbytes 4-bit NF4 (QLoRA); a one-line error naming the extra when bitsandbytes is missing."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise IlaError("method qlora needs bitsandbytes: pip install 'ila[qlora]' (or: pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def apply_method(model: nn.Module, selection: Selection, config: TrainConfig) -> nn.Module:
+    """Make exactly the selected linear layers trainable with `config.method`; returns the model to train."""
+    names = [x.name for x in selection.trained]
+    if config.method == "full":
+        frozen = {x.name for x in discover_layers(model)} - set(names)
+        base = base_model_of(model)
+        for p in base.parameters():
+            p.requires_grad_(True)
+        for name in frozen:
+            for p in base.get_submodule(name).parameters():
+                p.requires_grad_(False)
+        return model
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.method == "adalora":
+        a = config.adalora
+        peft_config = AdaLoraConfig(
+            init_r=a.init_r, target_r=a.target_r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+            target_modules=names, total_step=config.max_steps, tinit=int(a.tinit * config.max_steps),
+            tfinal=int(a.tfinal * config.max_steps), deltaT=a.delta_t, task_type="CAUSAL_LM",
+        )
+    else:
+        peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                                 target_modules=names, task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_config)
+
+
+def trained_layer_names(model: nn.Module, layers: list[LayerId]) -> set[str]:
+    """Layers whose parameters (weight/bias or adapter) require gradients: what training actually updates."""
+    base = base_model_of(model)
+    return {x.name for x in layers if any(p.requires_grad for p in base.get_submodule(x.name).parameters())}
+
+
+def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> TrainRun:
+    """Fine-tune and write the run folder `out`."""
+    config.validate()
+    out = Path(out)
+    if not resume:
+        check_output_folder(out, "run.json")
+    parse_select(config.select)
+    rankings = []
+    for path in config.rankings:
+        ranking = Ranking.load(path)
+        ranking.metadata["source"] = f"ranking {path}"
+        rankings.append(ranking)
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    quant = quantization_config(dtype) if config.method == "qlora" else None
+    started = time.perf_counter()
+    set_seed(config.seed)
+    examples = load_examples(config.data, max_examples=config.max_examples, seed=config.seed)
+    model, tokenizer = load_model(config.model, quantization_config=quant)
+    layers = discover_layers(model)
+    selection = select_layers(config.select, layers, rankings, seed=config.seed, transfer=config.transfer)
+    dataset = build_dataset(examples, tokenizer, max_length=config.max_length)
+    train, heldout = split_train_heldout(dataset, heldout_fraction=config.heldout_fraction, seed=config.seed)
+
+    set_seed(config.seed)
+    model = apply_method(model, selection, config)
+    actually = trained_layer_names(model, layers)
+    if actually != {x.name for x in selection.trained}:  # guards the promise that run folders state
+        raise AssertionError(f"trained layers differ from the selection: {sorted(actually)[:3]}…")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "selection.json", selection.to_json())
+
+    cost = CostCallback()
+    callbacks: list[TrainerCallback] = [cost]
+    if config.method == "adalora":
+        callbacks.append(AdaLoraAllocationCallback(model))
+    args = training_arguments(
+        out / "checkpoints", max_steps=config.max_steps, batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate or DEFAULT_LR[config.method], weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio, scheduler=config.scheduler, seed=config.seed,
+        save_steps=config.save_steps, report_to=config.report_to,
+        bf16=config.dtype == "bfloat16" and config.method != "qlora",
+    )
+    trainer = ResponseLossTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout or None,
+                                  data_collator=collate(tokenizer), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out / "checkpoints") if resume else None)
+    heldout_loss = trainer.evaluate()["eval_loss"] if len(heldout) else None
+
+    if config.method == "full":
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    else:
+        model.save_pretrained(out / "adapter")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary = {
+        **cost.summary(),
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "trained_layers": len(selection.trained),
+        "trained_layer_fraction": selection.fraction,
+        "tokens_per_s": cost.tokens_per_second(trainer.state.num_input_tokens_seen),
+        "total_s": time.perf_counter() - started,
+    }
+    write_json_atomic(out / "run.json", {
+        "model": model_label(config.model), "data": config.data or "default", "method": config.method,
+        "select": config.select, "seed": config.seed, "steps": trainer.state.global_step,
+        "heldout_loss": heldout_loss, "cost": summary, "config": to_dict(config),
+    })
+    return TrainRun(model, selection, summary, heldout_loss, trainer)
