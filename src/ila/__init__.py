@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "identify": "ila.api",
     "train": "ila.api",
+    "experiment": "ila.api",
     "TrainConfig": "ila.config",
     "select_layers": "ila.selection",
     "Selection": "ila.selection",

@@ -74,3 +74,10 @@ def train(out: str | Path, *, config: TrainConfig | str | Path | None = None, re
     if isinstance(config, TrainConfig):
         return run_train(with_overrides(config, given), out, resume=resume)
     return run_train(load_config(config, given, TrainConfig), out, resume=resume)
+
+
+def experiment(config: str | Path, out: str | Path) -> Path:
+    """Run a YAML grid of fine-tunes (`ila experiment`), skipping finished cells; returns the Markdown table."""
+    from ila.experiment import run_experiment
+
+    return run_experiment(config, out)

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
 
+    p = sub.add_parser("experiment", help="run a YAML grid of fine-tunes and write a paper-style table",
+                       description="Runs every cell (models x data x methods x selections x seeds) of the grid "
+                       "that has no run.json yet, then writes OUT/<name>.md and .csv with mean ± std over seeds. "
+                       "See configs/ and docs/training.md.", epilog=EPILOG)
+    p.add_argument("config", type=Path, help="experiment YAML (see configs/table8_smollm2.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the cells and the table")
+
     p = sub.add_parser("compare", help="Jaccard of the top fraction and Spearman correlation between rankings",
                        epilog=EPILOG)
     p.add_argument("rankings", nargs="+", type=Path, help="two or more ranking.json files")
@@ -137,6 +144,11 @@ def _run(args: argparse.Namespace) -> int:
               + (f", held-out loss {run.heldout_loss:.4f}" if run.heldout_loss is not None else ""))
         print(f"wrote {args.out / 'run.json'}")
         return 0
+    if args.command == "experiment":
+        table = ila.experiment(args.config, args.out)
+        print(table.read_text())
+        print(f"wrote {table} and {table.with_suffix('.csv')}")
+        return 0
     if args.command == "compare":
         print(ila.format_comparison(ila.compare(args.rankings, top=args.top)))
         return 0
@@ -155,7 +167,7 @@ def _configure_logging(debug: bool) -> None:
 
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "urllib3", "filelock"):
+        for noisy in ("transformers", "peft", "accelerate", "datasets", "bitsandbytes", "httpx", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

@@ -147,6 +147,7 @@ class TrainConfig:
     rankings: list[str] = field(default_factory=list)
     transfer: bool = False  # map rankings from another architecture by relative depth and role
     seed: int = 0
+    select_seed: int | None = None  # seed of random:F draws (None: `seed`), e.g. RL 1 / RL 2 at one training seed
     max_length: int = 512
     max_examples: int | None = None
     heldout_fraction: float = 0.05
@@ -258,6 +259,17 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         node[leaf] = value
     where = f"config {path}: " if path is not None else ""
     return _build(cls, raw, where, "").validate()
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"stage1": {"max_steps": 5}} -> {"stage1.max_steps": 5}, the form `load_config` overrides take."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:

@@ -51,6 +51,19 @@ def _reuse(run_dir: Path, *, seed: int, max_steps: int | None, stage2_steps: int
     return ranking
 
 
+def _stage1_summary(meta: dict) -> str:
+    """Stage-1 steps, and whether (or how nearly) the probe loss became ε-stable."""
+    text = f"stage 1: {meta['stage1_steps']} steps, "
+    if meta.get("stability_step"):
+        return text + f"ε-stable at step {meta['stability_step']}"
+    probe = meta.get("stage1_probe_losses") or []
+    if len(probe) < 2:
+        return text + "step cap reached before ε-stability"
+    (s0, l0), (s1, l1) = probe[-2], probe[-1]
+    return (text + f"step cap reached before ε-stability (probe loss {probe[0][1]:.3f} → {l1:.3f}, "
+            f"last change {abs(l1 - l0) / (s1 - s0):.4f}/step vs ε = {meta['epsilon']:g})")
+
+
 def run_demo(out: str | Path, *, max_steps: int | None = None, stage2_steps: int | None = None,
              seed: int = 0) -> float:
     """Run both identifications into `out/<name>/`, print a summary; returns Jaccard@0.75."""
@@ -67,10 +80,8 @@ def run_demo(out: str | Path, *, max_steps: int | None = None, stage2_steps: int
         rankings[name] = identify(run_dir, config=demo_config_path(), data=data, seed=seed, max_steps=max_steps,
                                   stage2_steps=stage2_steps)
         meta = rankings[name].metadata
-        stable = meta["stability_step"]
-        print(f"[{name}] stage 1: {meta['stage1_steps']} steps, "
-              + (f"ε-stable at step {stable}" if stable else "step cap reached before ε-stability")
-              + f"; stage 2: {meta['stage2_steps']} steps; {meta['timings']['total_s']:.0f} s")
+        print(f"[{name}] {_stage1_summary(meta)}; stage 2: {meta['stage2_steps']} steps; "
+              f"{meta['timings']['total_s']:.0f} s")
     comparison = compare(list(rankings.values()), top=0.75)
     n = len(next(iter(rankings.values())).entries)
     a, b = (out / name / "ranking.json" for name in DATASETS)

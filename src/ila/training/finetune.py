@@ -124,7 +124,8 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     examples = load_examples(config.data, max_examples=config.max_examples, seed=config.seed)
     model, tokenizer = load_model(config.model, quantization_config=quant)
     layers = discover_layers(model)
-    selection = select_layers(config.select, layers, rankings, seed=config.seed, transfer=config.transfer)
+    seed = config.seed if config.select_seed is None else config.select_seed
+    selection = select_layers(config.select, layers, rankings, seed=seed, transfer=config.transfer)
     dataset = build_dataset(examples, tokenizer, max_length=config.max_length)
     train, heldout = split_train_heldout(dataset, heldout_fraction=config.heldout_fraction, seed=config.seed)
 

@@ -1,0 +1,217 @@
+"""`ila experiment`: a YAML grid of fine-tunes (models × data × methods × selections × seeds) and its table.
+
+Each cell is an `ila train` run in `OUT/cells/<model>/<data>/<method>/<selection>/seed<k>/`; a cell whose
+`run.json` exists is skipped on re-run. Rankings the selections need come from a given file or from
+`ila identify`, run once per (model, data) into `OUT/rankings/`. The table (Markdown + CSV) has one row per
+(model, data, method, selection) and mean ± std over seeds of each metric, in the layout of seeds/000 Tables 5–8.
+
+    name: table8                    # grid keys; every key is checked, a typo is a one-line error
+    models: [smollm2-135m]
+    data: ["bigbench:natural_instructions/*qasc*"]
+    methods: [lora]
+    seeds: [0, 1]
+    selections:                     # a --select value, or a mapping with a label
+      - all
+      - {label: "LoRA w/ ILA", select: "freeze-bottom:0.25"}
+      - {label: "RL 1", select: "random:0.25", select_seed: 1}
+    ranking: null                   # a ranking.json for every cell, or null: identify per (model, data)
+    identify: {stage1: {max_steps: 40}}   # IdentifyConfig keys for those identify runs
+    train: {max_steps: 40}                # TrainConfig keys shared by every cell
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ila.config import IdentifyConfig, TrainConfig, flatten, load_config, with_overrides
+from ila.errors import IlaError
+from ila.ranking import write_json_atomic
+
+GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train"}
+SELECTION_KEYS = {"label", "select", "select_seed"}
+METRICS = [  # (key in the cell summary, column title, format)
+    ("heldout_loss", "held-out loss", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("trained_layer_fraction", "layers trained", "{:.0%}"),
+    ("trainable_params", "trainable params", "{:,.0f}"),
+    ("median_step_ms", "ms/step", "{:.0f}"),
+    ("peak_memory_mb", "peak MiB", "{:.0f}"),
+    ("tokens_per_s", "tokens/s", "{:.0f}"),
+]
+
+
+@dataclass
+class Selection:
+    label: str
+    select: str
+    select_seed: int | None = None
+
+
+@dataclass
+class Grid:
+    name: str
+    models: list[str]
+    data: list[str]
+    methods: list[str]
+    seeds: list[int]
+    selections: list[Selection]
+    ranking: str | None = None
+    identify: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check an experiment YAML; unknown keys and wrong types are one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise IlaError(f"experiment {path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise IlaError(f"experiment {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise IlaError(f"experiment {path}: expected a mapping of keys at the top level")
+    unknown = sorted(set(raw) - GRID_KEYS)
+    if unknown:
+        expected = ", ".join(sorted(GRID_KEYS))
+        raise IlaError(f"experiment {path}: unknown key '{unknown[0]}' (expected one of: {expected})")
+
+    def strings(key: str, default: list | None = None) -> list:
+        value = raw.get(key, default)
+        if not isinstance(value, list) or not value:
+            raise IlaError(f"experiment {path}: '{key}' must be a non-empty list")
+        return value
+
+    selections = []
+    for i, item in enumerate(strings("selections")):
+        if isinstance(item, str):
+            item = {"select": item}
+        if not isinstance(item, dict) or "select" not in item:
+            raise IlaError(f"experiment {path}: selections[{i}] must be a --select value or a mapping with 'select'")
+        bad = sorted(set(item) - SELECTION_KEYS)
+        if bad:
+            raise IlaError(f"experiment {path}: selections[{i}]: unknown key '{bad[0]}' "
+                           f"(expected one of: {', '.join(sorted(SELECTION_KEYS))})")
+        label = str(item.get("label", item["select"]))
+        selections.append(Selection(label, str(item["select"]), item.get("select_seed")))
+    for key in ("identify", "train"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise IlaError(f"experiment {path}: '{key}' must be a mapping of config keys")
+    grid = Grid(
+        name=str(raw.get("name", path.stem)), models=strings("models", [None]), data=strings("data", [None]),
+        methods=strings("methods", ["lora"]), seeds=[int(s) for s in strings("seeds", [0])], selections=selections,
+        ranking=raw.get("ranking"), identify=raw.get("identify", {}), train=raw.get("train", {}),
+    )
+    for model in grid.models:  # every cell's config is valid before anything runs
+        for method in grid.methods:
+            for sel in grid.selections:
+                _train_config(grid, model, grid.data[0], method, sel, grid.seeds[0], [], where=f"experiment {path}")
+    try:
+        load_config(None, flatten(grid.identify), IdentifyConfig)
+    except IlaError as exc:
+        raise IlaError(f"experiment {path}: identify: {exc}") from None
+    return grid
+
+
+def _train_config(grid: Grid, model, data, method, sel: Selection, seed: int, rankings: list[str],
+                  *, where: str = "experiment") -> TrainConfig:
+    try:
+        config = load_config(None, flatten(grid.train), TrainConfig)
+    except IlaError as exc:
+        raise IlaError(f"{where}: train: {exc}") from None
+    return with_overrides(config, {"model": model, "data": data, "method": method, "select": sel.select,
+                                   "seed": seed, "select_seed": sel.select_seed, "rankings": rankings})
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value if value is not None else "default")).strip("_")[:60] or "x"
+
+
+def run_experiment(config_path: str | Path, out: str | Path) -> Path:
+    """Run every unfinished cell of the grid, then write `OUT/<name>.md` and `.csv`; returns the Markdown path."""
+    from ila.importance.ila import run_identify
+    from ila.training.finetune import run_train
+
+    grid = load_grid(config_path)
+    out = Path(out)
+    rows: dict[tuple, list[dict]] = {}
+    for model in grid.models:
+        for data in grid.data:
+            rankings: list[str] = []
+            if any(":" in s.select and s.select.split(":")[0] in ("freeze-bottom", "top", "intersect")
+                   for s in grid.selections):
+                rankings = [grid.ranking] if grid.ranking else [str(_identify(grid, model, data, out, run_identify))]
+            for method in grid.methods:
+                for sel in grid.selections:
+                    for seed in grid.seeds:
+                        cell = out / "cells" / _slug(model) / _slug(data) / method / _slug(sel.label) / f"seed{seed}"
+                        needs = rankings if sel.select.split(":")[0] in ("freeze-bottom", "top", "intersect") else []
+                        if not (cell / "run.json").exists():
+                            print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}")
+                            run_train(_train_config(grid, model, data, method, sel, seed, needs), cell)
+                        rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
+    return write_table(grid.name, rows, out)
+
+
+def _identify(grid: Grid, model, data, out: Path, run_identify) -> Path:
+    folder = out / "rankings" / _slug(model) / _slug(data)
+    if not (folder / "ranking.json").exists():
+        print(f"[{grid.name}] identify: {model} · {data}")
+        config = load_config(None, flatten(grid.identify) | {"model": model, "data": data}, IdentifyConfig)
+        run_identify(config, folder, resume=(folder / "checkpoints").is_dir())
+    return folder / "ranking.json"
+
+
+def _summary(cell: Path) -> dict:
+    import json
+    import math
+
+    run = json.loads((cell / "run.json").read_text())
+    loss = run.get("heldout_loss")
+    return {**run["cost"], "heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None}
+
+
+def _mean_std(values: list[float], fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def write_table(name: str, rows: dict[tuple, list[dict]], out: Path) -> Path:
+    """Markdown and CSV: one row per (model, data, method, selection), mean ± std over seeds."""
+    header = ["model", "data", "method", "selection", "seeds"] + [title for _, title, _ in METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header[:5] + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")])
+    for (model, data, method, label), cells in rows.items():
+        key = [str(model or "default"), str(data or "default"), method, label, str(len(cells))]
+        lines.append("| " + " | ".join(key + [_mean_std([c.get(k) for c in cells], f) for k, _, f in METRICS]) + " |")
+        stats = []
+        for k, _, _ in METRICS:
+            vals = [c[k] for c in cells if c.get(k) is not None]
+            stats += [statistics.mean(vals) if vals else "", statistics.stdev(vals) if len(vals) > 1 else ""]
+        writer.writerow(key + stats)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{_slug(name)}.md"
+    _write_text(md, f"# {name}\n\n" + "\n".join(lines) + "\n")
+    _write_text(out / f"{_slug(name)}.csv", buffer.getvalue())
+    write_json_atomic(out / f"{_slug(name)}.json", {str(k): v for k, v in rows.items()})
+    return md
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,66 @@
+"""`ila experiment`: a grid runs every cell once, re-runs skip finished cells, typos are one-line errors."""
+
+import csv
+import json
+
+import pytest
+
+from ila.errors import IlaError
+from ila.experiment import load_grid, run_experiment
+
+
+def grid_file(tmp_path, model_dir, data_file, extra=""):
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"""
+name: tiny
+models: ["{model_dir}"]
+data: ["{data_file}"]
+methods: [lora]
+seeds: [0, 1]
+selections:
+  - {{label: "all", select: all}}
+  - {{label: "w/ ILA", select: "freeze-bottom:0.25"}}
+  - {{label: "RL", select: "random:0.25", select_seed: 3}}
+identify: {{max_length: 32, stage1: {{max_steps: 4}}, stage2: {{steps: 2}}}}
+train: {{max_length: 32, max_steps: 3, heldout_fraction: 0.2, lora: {{r: 2}}}}
+{extra}""")
+    return path
+
+
+def test_grid_runs_writes_the_table_and_skips_finished_cells(model_dirs, data_file, tmp_path):
+    config = grid_file(tmp_path, model_dirs("llama"), data_file)
+    out = tmp_path / "out"
+    table = run_experiment(config, out)
+    cells = sorted(out.glob("cells/**/run.json"))
+    assert len(cells) == 3 * 2
+    assert (out / "rankings").is_dir()  # identify ran once for the freeze-bottom cells
+    rows = list(csv.DictReader((out / "tiny.csv").open()))
+    assert [r["selection"] for r in rows] == ["all", "w/ ILA", "RL"]
+    assert all(r["seeds"] == "2" and float(r["heldout_loss_mean"]) > 0 for r in rows)
+    text = table.read_text()
+    assert "| w/ ILA |" in text and "±" in text
+    ila_cell = next(c for c in cells if "w_ILA" in str(c))
+    assert json.loads(ila_cell.read_text())["cost"]["trained_layers"] == 14 - 4  # ⌈0.25·14⌉ frozen
+    stamps = {c: c.stat().st_mtime_ns for c in cells}
+    run_experiment(config, out)  # nothing left to run
+    assert {c: c.stat().st_mtime_ns for c in cells} == stamps
+
+
+@pytest.mark.parametrize("old, new, needle", [
+    ("seeds: [0, 1]", "seedz: [1]", "unknown key 'seedz'"),
+    ("max_steps: 3", "max_stepz: 3", "train: unknown key 'max_stepz'"),
+    ("stage2: {steps: 2}", "stage2: {stepz: 2}", "identify: unknown key 'stage2.stepz'"),
+])
+def test_typos_are_one_line_errors(model_dirs, data_file, tmp_path, old, new, needle):
+    config = grid_file(tmp_path, model_dirs("llama"), data_file)
+    config.write_text(config.read_text().replace(old, new))
+    with pytest.raises(IlaError, match=needle) as info:
+        load_grid(config)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_selection_in_grid(model_dirs, data_file, tmp_path):
+    config = grid_file(tmp_path, model_dirs("llama"), data_file)
+    config.write_text(config.read_text().replace('select: "random:0.25"', 'select: "rnd:0.25"'))
+    with pytest.raises(IlaError, match="unknown strategy 'rnd'"):
+        load_grid(config)
