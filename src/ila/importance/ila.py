@@ -78,6 +78,7 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     examples = load_examples(config.data, max_examples=config.max_examples, seed=config.seed)  # fail fast
     model, tokenizer = load_model(config.model, trust_remote_code=False)
     layers = discover_layers(model, config.lora.target_roles)
+    linear_layers = len(discover_layers(model))
     if config.adapter:
         model, layers = _load_adapter(model, layers, config.adapter)
     dataset = build_dataset(examples, tokenizer, max_length=config.max_length)
@@ -90,6 +91,8 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
         "data": config.data or DEFAULT_DATA,
         "seed": config.seed,
         "method": "stage2-on-adapter" if config.adapter else f"ila-{config.stage1.method}",
+        "ranked_layers": len(layers),
+        "ranked_layer_fraction": len(layers) / linear_layers,  # stage 1 trains exactly the ranked layers
         "train_examples": len(train),
         "heldout_examples": len(heldout),
         "epsilon": config.stage1.epsilon,

@@ -141,7 +141,7 @@ def run_stage1(
         steps=trainer.state.global_step,
         losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
         probe_losses=list(detector.history),
-        cost=cost.summary(),
+        cost=cost.summary(model, trainer.state.num_input_tokens_seen),
         cost_steps_ms=list(cost.step_ms),
         milestones=milestones.snapshots,
     )

@@ -92,6 +92,6 @@ def run_stage2(
     return Stage2Result(
         scores=gates.scores.detach().float().cpu().tolist(),
         losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
-        cost=cost.summary(),
+        cost=cost.summary(model, trainer.state.num_input_tokens_seen),
         cost_steps_ms=list(cost.step_ms),
     )

@@ -80,10 +80,15 @@ class CostCallback(TrainerCallback):
         seconds = sum(self.step_ms) / 1000
         return float(tokens) / seconds if seconds > 0 else 0.0
 
-    def summary(self) -> dict[str, float]:
-        """Median step time and peak memory for run metadata."""
-        return {
+    def summary(self, model: torch.nn.Module | None = None, tokens: int | float | None = None) -> dict[str, float]:
+        """Median step time and peak memory; trainable parameters and tokens/s when given the model and tokens."""
+        out = {
             "steps": len(self.step_ms),
             "median_step_ms": statistics.median(self.step_ms) if self.step_ms else 0.0,
             "peak_memory_mb": self.peak_bytes / 2**20,
         }
+        if model is not None:
+            out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if tokens is not None:
+            out["tokens_per_s"] = self.tokens_per_second(tokens)
+        return out

@@ -159,14 +159,11 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
         tokenizer.save_pretrained(out / "model")
     else:
         model.save_pretrained(out / "adapter")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary = {
-        **cost.summary(),
-        "trainable_params": trainable,
+        **cost.summary(model, trainer.state.num_input_tokens_seen),
         "total_params": sum(p.numel() for p in model.parameters()),
         "trained_layers": len(selection.trained),
         "trained_layer_fraction": selection.fraction,
-        "tokens_per_s": cost.tokens_per_second(trainer.state.num_input_tokens_seen),
         "total_s": time.perf_counter() - started,
     }
     write_json_atomic(out / "run.json", {
