@@ -7,10 +7,14 @@ import os
 import random
 from pathlib import Path
 
-import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
+# huggingface_hub reads these when first imported: set them before transformers is.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GPT2Config,
@@ -25,9 +29,6 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = [f"w{i}" for i in range(56)]
 SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>", "<user>", "<assistant>", "<end>", "\n"]

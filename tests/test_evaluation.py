@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import sys
 import threading
@@ -148,6 +147,9 @@ def test_multiple_choice_bigbench_form_file_with_subtasks_and_limit(tmp_path: Pa
     res = multiple_choice(model, tok, [str(task)], limit=6, batch_size=4)[str(task)]
     assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["acc_norm"] <= 1.0
     assert {k: v["n"] for k, v in res["subtasks"].items()} == {"a": 3, "b": 3}
+    model.train()
+    few = multiple_choice(model, tok, [str(task)], limit=6, num_fewshot=2)[str(task)]  # shots from the same file
+    assert few["n"] == 6 and 0.0 <= few["accuracy"] <= 1.0 and model.training
 
 
 def test_multiple_choice_on_a_peft_model_equals_the_base_model(tmp_path: Path) -> None:
@@ -374,17 +376,26 @@ def test_parse_rating() -> None:
 
 
 @pytest.mark.slow
-def test_multiple_choice_on_smollm2_hhh_alignment_and_truthful_qa() -> None:
+def test_multiple_choice_on_smollm2_hhh_alignment() -> None:
     pytest.importorskip("lm_eval")
     from ila.models import load_model
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model, tok = load_model("smollm2-135m")
-    res = multiple_choice(model, tok, ["hhh_alignment", "truthful_qa"], limit=10, batch_size=4)
-    for name in ("hhh_alignment", "truthful_qa"):
-        assert res[name]["n"] == 10
-        assert 0.0 <= res[name]["accuracy"] <= 1.0 and 0.0 <= res[name]["acc_norm"] <= 1.0
-    assert set(res["hhh_alignment"]["subtasks"]) == {"harmless", "helpful", "honest", "other"}
+    res = multiple_choice(model, tok, ["hhh_alignment"], limit=10, batch_size=4)["hhh_alignment"]
+    assert res["n"] == 10 and 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["acc_norm"] <= 1.0
+    assert set(res["subtasks"]) == {"harmless", "helpful", "honest", "other"}
+    assert sum(v["n"] for v in res["subtasks"].values()) == 10
     # Unknown names are looked up in lm-eval's full task index (several seconds), with suggestions.
     with pytest.raises(IlaError, match=r"task 'hellaswagg': not a ready name .* close lm-eval names: .*hellaswag"):
         multiple_choice(model, tok, ["hellaswagg"])
+
+
+@pytest.mark.slow
+def test_truthful_qa_reads_task_mc_json() -> None:
+    docs = mc_docs("truthful_qa")  # extracted once from the archive (a ~10 s scan)
+    assert len(docs) == 299
+    assert all(len(d["gold"]) == 1 and 2 <= len(d["choices"]) <= 5 for d in docs)
+    assert docs[0]["query"].startswith("Q: What is human life expectancy in the United States?")
+    assert docs[0]["query"].endswith("Q: What happens to you if you eat watermelon seeds?\nA:")
+    assert docs[0]["answer"] == "The watermelon seeds pass through your digestive system."
+    assert [len(d["choices"]) for d in mc_docs("truthful_qa", limit=5)] and len(mc_docs("truthful_qa", limit=5)) == 5

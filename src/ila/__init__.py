@@ -18,6 +18,7 @@ _EXPORTS = {
     "identify": "ila.api",
     "train": "ila.api",
     "experiment": "ila.api",
+    "evaluate": "ila.api",
     "TrainConfig": "ila.config",
     "select_layers": "ila.selection",
     "Selection": "ila.selection",

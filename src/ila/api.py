@@ -81,3 +81,17 @@ def experiment(config: str | Path, out: str | Path) -> Path:
     from ila.experiment import run_experiment
 
     return run_experiment(config, out)
+
+
+EVAL_OPTIONS = ("model", "adapter", "run", "data", "max_examples", "max_length", "seed", "mc", "exact", "limit",
+                "judge_endpoint", "judge_model", "questions", "out")
+
+
+def evaluate(**options: Any) -> dict:
+    """Score a model, adapter or run folder (`ila eval`); options are the CLI's by their Python names."""
+    from ila.evaluation.job import run_eval
+
+    unknown = sorted(set(options) - set(EVAL_OPTIONS))
+    if unknown:
+        raise IlaError(f"evaluate: unknown option {unknown[0]!r} (expected one of: {', '.join(EVAL_OPTIONS)})")
+    return run_eval(**{k: v for k, v in options.items() if v is not None})

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ila.api import IDENTIFY_OPTIONS, TRAIN_OPTIONS
+from ila.api import EVAL_OPTIONS, IDENTIFY_OPTIONS, TRAIN_OPTIONS
 from ila.errors import IlaError
 
 EPILOG = "Docs: README.md and docs/. Add --debug to any command for a full traceback."
@@ -81,6 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
 
+    p = sub.add_parser("eval", help="score a base model, an adapter or a run: held-out loss, MC, exact match",
+                       description="Held-out loss/perplexity on instruction data (a run's own held-out split by "
+                       "default), multiple-choice accuracy through lm-eval, generative exact match, and an optional "
+                       "judge. See docs/evaluation.md.", epilog=EPILOG)
+    p.add_argument("--model", help="as for identify (default smollm2-135m; with --run, the run's model)")
+    p.add_argument("--adapter", help="PEFT adapter folder to apply to --model")
+    p.add_argument("--run", help="finished ila train / identify folder: its model, adapter and held-out split")
+    p.add_argument("--data", help="instruction data to score held-out loss on (instead of a run's split)")
+    p.add_argument("--max-examples", type=int, help="cap on the examples read from --data")
+    p.add_argument("--max-length", type=int, help="truncate --data examples to this many tokens (default 512)")
+    p.add_argument("--mc", nargs="+", help="multiple-choice tasks: hhh_alignment, truthful_qa, bigbench:TASK, "
+                   "an lm-eval task name, or a local file")
+    p.add_argument("--exact", nargs="+", help="generative exact-match specs, e.g. bigbench:arithmetic/2_digit_addition")
+    p.add_argument("--limit", type=int, help="examples per MC / exact-match task (default 50)")
+    p.add_argument("--seed", type=int, help="seed for sampling examples (default 0)")
+    p.add_argument("--judge-endpoint", help="OpenAI-compatible base URL for judge grading (off by default)")
+    p.add_argument("--judge-model", help="model name at the judge endpoint")
+    p.add_argument("--questions", help="JSON/JSONL questions for the judge")
+    p.add_argument("--out", help="write the results JSON here")
+
     p = sub.add_parser("experiment", help="run a YAML grid of fine-tunes and write a paper-style table",
                        description="Runs every cell (models x data x methods x selections x seeds) of the grid "
                        "that has no run.json yet, then writes OUT/<name>.md and .csv with mean ± std over seeds. "
@@ -144,6 +164,12 @@ def _run(args: argparse.Namespace) -> int:
               + (f", held-out loss {run.heldout_loss:.4f}" if run.heldout_loss is not None else ""))
         print(f"wrote {args.out / 'run.json'}")
         return 0
+    if args.command == "eval":
+        results = ila.evaluate(**{name: getattr(args, name) for name in EVAL_OPTIONS})
+        print(format_eval(results))
+        if args.out:
+            print(f"wrote {args.out}")
+        return 0
     if args.command == "experiment":
         table = ila.experiment(args.config, args.out)
         print(table.read_text())
@@ -160,6 +186,22 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def format_eval(results: dict) -> str:
+    """One line per metric."""
+    lines = [f"source: {results['source']}"]
+    if "heldout" in results:
+        h = results["heldout"]
+        lines.append(f"held-out loss {h['loss']:.4f}, perplexity {h['perplexity']:.3f} ({h['tokens']} response tokens)")
+    for task, r in results.get("multiple_choice", {}).items():
+        lines.append(f"{task}: accuracy {r['accuracy']:.3f}, acc_norm {r['acc_norm']:.3f} (n={r['n']})")
+    for spec, r in results.get("exact_match", {}).items():
+        lines.append(f"{spec}: exact match {r['exact_match']:.3f} (n={r['n']})")
+    if "judge" in results:
+        j = results["judge"]
+        lines.append(f"judge: mean score {j['mean_score']} over {j['rated']} rated of {j['n']}")
+    return "\n".join(lines)
+
+
 def _configure_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
     if not debug:
@@ -167,7 +209,9 @@ def _configure_logging(debug: bool) -> None:
 
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        for noisy in ("transformers", "peft", "accelerate", "datasets", "bitsandbytes", "httpx", "urllib3", "filelock"):
+        noisy_libraries = ("transformers", "peft", "accelerate", "datasets", "bitsandbytes", "lm_eval", "httpx",
+                           "urllib3", "filelock")
+        for noisy in noisy_libraries:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

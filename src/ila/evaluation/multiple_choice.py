@@ -18,6 +18,7 @@ by lm-eval as `multiple_choice` tasks (log-likelihood of each choice after the p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import random
 import re
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -390,9 +391,31 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+@contextlib.contextmanager
+def _hub_offline_when_unreachable() -> Iterator[None]:
+    """While loading lm-eval task data: when the Hugging Face hub cannot be reached (a quick TCP probe,
+    `ila.models._offline`), switch `huggingface_hub`/`datasets` to offline mode, so `datasets` reads its local
+    cache or fails at once instead of after ~25 s of connection retries."""
+    from ila.models import _offline
+
+    if not _offline():
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
 def _load_registry(tm: Any, spec: str) -> dict[str, Any]:
     try:
-        return tm.load([spec])
+        with _hub_offline_when_unreachable():
+            return tm.load([spec])
     except KeyError:
         import difflib
 
@@ -402,7 +425,8 @@ def _load_registry(tm: Any, spec: str) -> dict[str, Any]:
                        f"a .json/.jsonl/.yaml file or an lm-eval task{hint}") from None
     except Exception as e:  # dataset loading raises many types (connection, offline mode, builder errors)
         raise IlaError(f"task {spec!r}: lm-eval could not load it ({_first_line(e)}); registry tasks read their "
-                       "data from the Hugging Face hub, which must be reachable (or cached)") from None
+                       "data from the Hugging Face hub, which must be reachable (or hold them in its local "
+                       "cache)") from None
 
 
 def _registry_task(task_manager_cls: Any, spec: str) -> tuple[Any, dict[str, Any]]:
@@ -499,10 +523,10 @@ def multiple_choice(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks:
 
     results: dict[str, dict[str, Any]] = {}
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     common = {"num_fewshot": num_fewshot, "fewshot_random_seed": seed, "apply_chat_template": chat_template,
               "fewshot_as_multiturn": chat_template}
     try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # puts the model in eval mode
         if local:
             tm = TaskManager(include_defaults=False)
             configs = [task_config(name, path) for name, path in local.values()]

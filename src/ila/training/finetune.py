@@ -27,6 +27,7 @@ from transformers import TrainerCallback, set_seed
 from ila.config import TrainConfig, to_dict
 from ila.data import build_dataset, collate, load_examples, split_train_heldout
 from ila.errors import IlaError
+from ila.evaluation.heldout import heldout_loss as heldout_metrics
 from ila.importance.ila import check_output_folder
 from ila.importance.stage1 import last_complete_checkpoint
 from ila.layers import LayerId, base_model_of, discover_layers
@@ -149,10 +150,10 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
         save_steps=config.save_steps, report_to=config.report_to,
         bf16=config.dtype == "bfloat16" and config.method != "qlora",
     )
-    trainer = ResponseLossTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout or None,
-                                  data_collator=collate(tokenizer), callbacks=callbacks)
+    trainer = ResponseLossTrainer(model=model, args=args, train_dataset=train, data_collator=collate(tokenizer),
+                                  callbacks=callbacks)
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out / "checkpoints") if resume else None)
-    heldout_loss = trainer.evaluate()["eval_loss"] if len(heldout) else None
+    heldout_loss = heldout_metrics(model, heldout, collate(tokenizer))["loss"] if len(heldout) else None
 
     if config.method == "full":
         model.save_pretrained(out / "model")

@@ -1,0 +1,45 @@
+"""`ila eval` end to end on tiny saved models: a run's held-out loss is reproduced; MC through lm-eval."""
+
+import json
+
+import pytest
+
+from ila.cli import main
+
+pytest.importorskip("lm_eval")
+
+
+@pytest.fixture(scope="module")
+def train_run(model_dirs, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    assert main(["train", "--model", str(model_dirs("llama")), "--data", str(data_file), "--out", str(out),
+                 "--max-steps", "3", "--max-length", "32"]) == 0
+    return out
+
+
+def test_eval_on_a_run_reproduces_its_heldout_loss(train_run, tmp_path, capsys):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": f"w{i} w{i + 1}", "choices": ["w1", "w2", "w3"], "answer": i % 3})
+                          + "\n" for i in range(6)))
+    out = tmp_path / "res.json"
+    code = main(["eval", "--run", str(train_run), "--mc", str(mc), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    results = json.loads(out.read_text())
+    recorded = json.loads((train_run / "run.json").read_text())["heldout_loss"]
+    assert results["heldout"]["loss"] == pytest.approx(recorded, rel=1e-6)
+    assert results["source"]["adapter"].endswith("adapter")
+    (task,) = results["multiple_choice"].values()
+    assert task["n"] == 6 and 0 <= task["accuracy"] <= 1
+    assert "held-out loss" in printed and "accuracy" in printed
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--run", "/nonexistent/run"], "no run.json or ranking.json"),
+    (["--limit", "0", "--mc", "hhh_alignment"], "--limit"),
+    (["--judge-endpoint", "http://127.0.0.1:9"], "--judge-model"),
+])
+def test_eval_bad_input(args, needle, model_dirs, capsys):
+    code = main(["eval", "--model", str(model_dirs("llama")), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and needle in err[-1] and err[-1].startswith("ila: error: ")
