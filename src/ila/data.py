@@ -15,10 +15,8 @@ import difflib
 import fnmatch
 import json
 import logging
-import os
 import random
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from datasets import Dataset
 
 from ila.errors import IlaError
+from ila.io import write_bytes_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -228,19 +227,6 @@ def _bigbench_cache(archive: Path) -> Path:
     return cache_dir() / "bigbench" / stem
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _task_rel(member_name: str) -> str | None:
     """`TASK/...` relative to `benchmark_tasks/`, or None for members outside it."""
     _, sep, rel = member_name.partition("/benchmark_tasks/")
@@ -272,7 +258,7 @@ def _scan_archive(archive: Path, cache: Path, want: Callable[[str], bool], *,
                 if want(rel):
                     f = tf.extractfile(member)
                     if f is not None:
-                        _atomic_write(cache / "tasks" / rel, f.read())
+                        write_bytes_atomic(cache / "tasks" / rel, f.read())
                 if remaining is not None:
                     remaining.discard(rel)
                     if not remaining:
@@ -296,7 +282,7 @@ def _bigbench_index(archive: Path, cache: Path, want: Callable[[str], bool]) -> 
             pass
     log.info("indexing %s (once)", archive)
     index = {**stamp, **_scan_archive(archive, cache, want)}
-    _atomic_write(index_path, json.dumps(index).encode())
+    write_bytes_atomic(index_path, json.dumps(index).encode())
     return index
 
 

@@ -33,7 +33,7 @@ import yaml
 
 from ila.config import IdentifyConfig, TrainConfig, flatten, load_config, with_overrides
 from ila.errors import IlaError
-from ila.ranking import write_json_atomic
+from ila.io import write_json_atomic, write_text_atomic
 
 GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train"}
 SELECTION_KEYS = {"label", "select", "select_seed"}
@@ -205,13 +205,7 @@ def write_table(name: str, rows: dict[tuple, list[dict]], out: Path) -> Path:
         writer.writerow(key + stats)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"{_slug(name)}.md"
-    _write_text(md, f"# {name}\n\n" + "\n".join(lines) + "\n")
-    _write_text(out / f"{_slug(name)}.csv", buffer.getvalue())
+    write_text_atomic(md, f"# {name}\n\n" + "\n".join(lines) + "\n")
+    write_text_atomic(out / f"{_slug(name)}.csv", buffer.getvalue())
     write_json_atomic(out / f"{_slug(name)}.json", {str(k): v for k, v in rows.items()})
     return md
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ila.errors import IlaError
+from ila.io import write_json_atomic
 from ila.layers import LayerId
 
 FORMAT = "ila.ranking"
@@ -192,18 +191,3 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     vx = sum((a - mx) ** 2 for a in rx)
     vy = sum((b - my) ** 2 for b in ry)
     return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else 0.0
-
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

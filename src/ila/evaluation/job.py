@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ila.errors import IlaError
-from ila.ranking import write_json_atomic
+from ila.io import write_json_atomic
 
 
 def _run_info(run: Path) -> dict[str, Any]:

@@ -22,16 +22,15 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ila.errors import IlaError
+from ila.io import write_bytes_atomic
 
 if TYPE_CHECKING:
     from torch import nn
@@ -79,19 +78,6 @@ def _import_lm_eval() -> tuple[Any, Any, Any]:
 # BIG-bench task files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def truthful_qa_mc_file() -> Path:
     """Path of BIG-bench's `truthful_qa/task_mc.json`, extracted once from the archive into the cache.
 
@@ -113,7 +99,7 @@ def truthful_qa_mc_file() -> Path:
                 if member.isfile() and member.name.endswith(suffix):
                     f = tf.extractfile(member)
                     if f is not None:
-                        _atomic_write(target, f.read())
+                        write_bytes_atomic(target, f.read())
                     break
     except (tarfile.TarError, OSError, EOFError) as e:
         raise IlaError(f"{archive}: cannot read the BIG-bench archive ({e}); delete it to download it again") \
@@ -324,7 +310,7 @@ def write_task_file(name: str, docs: Sequence[Mapping[str, Any]]) -> Path:
     data = "".join(json.dumps(dict(d), ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
     path = cache_dir() / TASK_DIR / f"{_slug(name)}-{hashlib.sha256(data).hexdigest()[:12]}.jsonl"
     if not path.is_file():
-        _atomic_write(path, data)
+        write_bytes_atomic(path, data)
     return path
 
 

@@ -30,9 +30,10 @@ from ila.errors import IlaError
 from ila.evaluation.heldout import heldout_loss as heldout_metrics
 from ila.importance.ila import check_output_folder
 from ila.importance.stage1 import last_complete_checkpoint
+from ila.io import write_json_atomic
 from ila.layers import LayerId, base_model_of, discover_layers
 from ila.models import load_model, model_label
-from ila.ranking import Ranking, write_json_atomic
+from ila.ranking import Ranking
 from ila.selection import Selection, parse_select, select_layers
 from ila.training.cost import CostCallback
 from ila.training.trainer import ResponseLossTrainer, training_arguments
