@@ -45,11 +45,24 @@ def test_grid_runs_writes_the_table_and_skips_finished_cells(model_dirs, data_fi
     run_experiment(config, out)  # nothing left to run
     assert {c: c.stat().st_mtime_ns for c in cells} == stamps
 
+    # adding an eval section evaluates the finished cells without training them again
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": f"w{i}", "choices": ["w1", "w2"], "answer": i % 2}) + "\n"
+                          for i in range(4)))
+    config.write_text(config.read_text() + f'eval: {{mc: ["{mc}"], limit: 4}}\n')
+    pytest.importorskip("lm_eval")
+    run_experiment(config, out)
+    assert {c: c.stat().st_mtime_ns for c in cells} == stamps
+    assert len(list(out.glob("cells/**/eval.json"))) == 6
+    header = next(csv.reader((out / "tiny.csv").open()))
+    assert any(h.startswith("acc ") for h in header)
+
 
 @pytest.mark.parametrize("old, new, needle", [
     ("seeds: [0, 1]", "seedz: [1]", "unknown key 'seedz'"),
     ("max_steps: 3", "max_stepz: 3", "train: unknown key 'max_stepz'"),
     ("stage2: {steps: 2}", "stage2: {stepz: 2}", "identify: unknown key 'stage2.stepz'"),
+    ("methods: [lora]", "methods: [lora]\neval: {mcq: [x]}", "eval: unknown key 'mcq'"),
 ])
 def test_typos_are_one_line_errors(model_dirs, data_file, tmp_path, old, new, needle):
     config = grid_file(tmp_path, model_dirs("llama"), data_file)

@@ -17,6 +17,9 @@ Each cell is an `ila train` run in `OUT/cells/<model>/<data>/<method>/<selection
     ranking: null                   # a ranking.json for every cell, or null: identify per (model, data)
     identify: {stage1: {max_steps: 40}}   # IdentifyConfig keys for those identify runs
     train: {max_steps: 40}                # TrainConfig keys shared by every cell
+    eval: {mc: [hhh_alignment], exact: [], limit: 50}   # optional: `ila eval` of every cell -> more columns
+
+Evaluation results go to each cell's `eval.json`; a cell trained earlier is evaluated on re-run if it has none.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from ila.config import IdentifyConfig, TrainConfig, flatten, load_config, with_o
 from ila.errors import IlaError
 from ila.io import write_json_atomic, write_text_atomic
 
-GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train"}
+GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train", "eval"}
+EVAL_KEYS = {"mc", "exact", "limit"}
 SELECTION_KEYS = {"label", "select", "select_seed"}
 METRICS = [  # (key in the cell summary, column title, format)
     ("heldout_loss", "held-out loss", "{:.4f}"),
@@ -66,6 +70,7 @@ class Grid:
     ranking: str | None = None
     identify: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -102,13 +107,18 @@ def load_grid(path: str | Path) -> Grid:
                            f"(expected one of: {', '.join(sorted(SELECTION_KEYS))})")
         label = str(item.get("label", item["select"]))
         selections.append(Selection(label, str(item["select"]), item.get("select_seed")))
-    for key in ("identify", "train"):
+    for key in ("identify", "train", "eval"):
         if not isinstance(raw.get(key, {}), dict):
             raise IlaError(f"experiment {path}: '{key}' must be a mapping of config keys")
+    bad = sorted(set(raw.get("eval", {})) - EVAL_KEYS)
+    if bad:
+        expected = ", ".join(sorted(EVAL_KEYS))
+        raise IlaError(f"experiment {path}: eval: unknown key '{bad[0]}' (expected one of: {expected})")
     grid = Grid(
         name=str(raw.get("name", path.stem)), models=strings("models", [None]), data=strings("data", [None]),
         methods=strings("methods", ["lora"]), seeds=[int(s) for s in strings("seeds", [0])], selections=selections,
         ranking=raw.get("ranking"), identify=raw.get("identify", {}), train=raw.get("train", {}),
+        eval=raw.get("eval", {}),
     )
     for model in grid.models:  # every cell's config is valid before anything runs
         for method in grid.methods:
@@ -137,6 +147,7 @@ def _slug(value: Any) -> str:
 
 def run_experiment(config_path: str | Path, out: str | Path) -> Path:
     """Run every unfinished cell of the grid, then write `OUT/<name>.md` and `.csv`; returns the Markdown path."""
+    from ila.evaluation.job import run_eval
     from ila.importance.ila import run_identify
     from ila.training.finetune import run_train
 
@@ -157,6 +168,10 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
                         if not (cell / "run.json").exists():
                             print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}")
                             run_train(_train_config(grid, model, data, method, sel, seed, needs), cell)
+                        if grid.eval and not (cell / "eval.json").exists():
+                            print(f"[{grid.name}] eval {cell}")
+                            run_eval(run=cell, heldout=False, mc=grid.eval.get("mc"), exact=grid.eval.get("exact"),
+                                     limit=grid.eval.get("limit", 50), seed=seed, out=cell / "eval.json")
                         rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
     return write_table(grid.name, rows, out)
 
@@ -176,7 +191,12 @@ def _summary(cell: Path) -> dict:
 
     run = json.loads((cell / "run.json").read_text())
     loss = run.get("heldout_loss")
-    return {**run["cost"], "heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None}
+    summary = {**run["cost"], "heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None}
+    if (cell / "eval.json").exists():
+        results = json.loads((cell / "eval.json").read_text())
+        summary |= {f"acc {task}": r["accuracy"] for task, r in results.get("multiple_choice", {}).items()}
+        summary |= {f"em {spec}": r["exact_match"] for spec, r in results.get("exact_match", {}).items()}
+    return summary
 
 
 def _mean_std(values: list[float], fmt: str) -> str:
@@ -190,16 +210,18 @@ def _mean_std(values: list[float], fmt: str) -> str:
 
 def write_table(name: str, rows: dict[tuple, list[dict]], out: Path) -> Path:
     """Markdown and CSV: one row per (model, data, method, selection), mean ± std over seeds."""
-    header = ["model", "data", "method", "selection", "seeds"] + [title for _, title, _ in METRICS]
+    extra = sorted({k for cells in rows.values() for c in cells for k in c if k.startswith(("acc ", "em "))})
+    metrics = [(k, k, "{:.3f}") for k in extra] + METRICS
+    header = ["model", "data", "method", "selection", "seeds"] + [title for _, title, _ in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(header[:5] + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")])
+    writer.writerow(header[:5] + [f"{k}_{s}" for k, _, _ in metrics for s in ("mean", "std")])
     for (model, data, method, label), cells in rows.items():
         key = [str(model or "default"), str(data or "default"), method, label, str(len(cells))]
-        lines.append("| " + " | ".join(key + [_mean_std([c.get(k) for c in cells], f) for k, _, f in METRICS]) + " |")
+        lines.append("| " + " | ".join(key + [_mean_std([c.get(k) for c in cells], f) for k, _, f in metrics]) + " |")
         stats = []
-        for k, _, _ in METRICS:
+        for k, _, _ in metrics:
             vals = [c[k] for c in cells if c.get(k) is not None]
             stats += [statistics.mean(vals) if vals else "", statistics.stdev(vals) if len(vals) > 1 else ""]
         writer.writerow(key + stats)

@@ -62,6 +62,7 @@ def run_eval(
     max_examples: int | None = None,
     max_length: int = 512,
     seed: int = 0,
+    heldout: bool = True,
     mc: list[str] | None = None,
     exact: list[str] | None = None,
     limit: int | None = 50,
@@ -70,7 +71,10 @@ def run_eval(
     questions: str | Path | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate and return {"source", "heldout", "multiple_choice", "exact_match", "judge"}; write `out` if given."""
+    """Evaluate and return {"source", "heldout", "multiple_choice", "exact_match", "judge"}; write `out` if given.
+
+    `heldout=False` skips the held-out loss (e.g. when the run already recorded it).
+    """
     from ila.data import build_dataset, collate, load_examples, split_train_heldout
     from ila.evaluation.exact_match import exact_match
     from ila.evaluation.heldout import heldout_loss
@@ -86,7 +90,7 @@ def run_eval(
     results: dict[str, Any] = {"source": source}
 
     config = info.get("config", {}) if info else {}
-    if data is not None or run is not None:
+    if heldout and (data is not None or run is not None):
         spec = data if data is not None else config.get("data")
         run_seed = seed if data is not None else config.get("seed", seed)
         examples = load_examples(spec, max_examples=max_examples if data is not None else config.get("max_examples"),
