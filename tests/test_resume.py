@@ -35,3 +35,26 @@ def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path)
     # the probe history spans the whole run: the checks before the kill were replayed from the checkpoint
     steps = [step for step, _ in meta["stage1_probe_losses"]]
     assert steps[0] == 10 and steps[-1] == 400 and steps == sorted(set(steps))
+
+
+def test_killed_train_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path):
+    out = tmp_path / "train"
+    args = [sys.executable, "-m", "ila.cli", "train", "--model", str(model_dirs("llama")), "--data", str(data_file),
+            "--out", str(out), "--max-steps", "150", "--max-length", "32", "--method", "full"]
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("save_steps: 5\n")
+    proc = subprocess.Popen([*args, "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert not (out / "run.json").exists()
+    resume_from = int(last_complete_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
+    assert 0 < resume_from < 150
+
+    resumed = subprocess.run([*args, "--config", str(cfg), "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == 150
+    assert run["cost"]["steps"] == 150 - resume_from  # only the remaining steps ran after the resume
