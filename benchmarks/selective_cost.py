@@ -49,8 +49,8 @@ def measure(args) -> dict:
     if args.shape:
         shapes = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)}
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shapes[args.shape]))
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # bf16: full FT of 7B must fit
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shapes[args.shape])).to(torch.bfloat16)
         ids = torch.randint(10, 32000, (n, args.max_length), generator=torch.Generator().manual_seed(0))
         labels = ids.clone()
         labels[:, : args.max_length // 2] = -100
@@ -66,7 +66,8 @@ def measure(args) -> dict:
     layers = discover_layers(model)
     if args.ranking:
         rankings = [Ranking.load(args.ranking)]
-    else:  # which layers does not change the cost, only how many: a seeded stand-in ranking
+    else:  # a seeded stand-in ranking: how many layers train sets most of the cost, but not all of it (with
+        # LoRA, backward stops below the lowest trained block), so pass --ranking for the real figure
         g = torch.Generator().manual_seed(0)
         rankings = [Ranking.from_scores(layers, torch.randn(len(layers), generator=g).tolist())]
     selection = select_layers(args.select, layers, rankings)
@@ -98,6 +99,8 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--one", nargs=2, metavar=("METHOD", "SELECT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.shape and "qlora" in args.methods:
+        p.error("--shape builds an unquantised random-init model: pass --methods lora full")
     if args.one:
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)

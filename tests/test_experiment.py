@@ -77,3 +77,16 @@ def test_bad_selection_in_grid(model_dirs, data_file, tmp_path):
     config.write_text(config.read_text().replace('select: "random:0.25"', 'select: "rnd:0.25"'))
     with pytest.raises(IlaError, match="unknown strategy 'rnd'"):
         load_grid(config)
+
+
+def test_duplicate_labels_and_default_fraction(model_dirs, data_file, tmp_path):
+    config = grid_file(tmp_path, model_dirs("llama"), data_file)
+    text = config.read_text()
+    config.write_text(text.replace('{label: "RL", select: "random:0.25", select_seed: 3}',
+                                   '{label: "all", select: "random:0.25"}'))
+    with pytest.raises(IlaError, match="label 'all' repeats"):
+        load_grid(config)
+    config.write_text(text.replace('select: "freeze-bottom:0.25"', "select: freeze-bottom"))
+    from ila.experiment import _needs_ranking
+
+    assert all(_needs_ranking(s) == (s.label == "w/ ILA") for s in load_grid(config).selections)

@@ -95,6 +95,65 @@ def test_strategies_pick_the_documented_layers(rankings):
         {x.name for x in layers} - frozen
 
 
+def _deeper_ranking(blocks: int) -> Ranking:
+    from conftest import SMALL
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**SMALL, "num_hidden_layers": blocks}, head_dim=8, sliding_window=16))
+    layers = discover_layers(model)
+    return _renamed(Ranking.from_scores(layers, [float(i) for i in range(len(layers))]))
+
+
+def test_transfer_across_depths():
+    target = discover_layers(make_model("llama"))  # 2 blocks
+    four = _deeper_ranking(4)
+    selection = select_layers("all", target, [four], transfer=True)
+    assert selection.mapping["model.layers.0.mlp.up_proj"] == "m.blocks.0.mlp.up_proj"
+    assert selection.mapping["model.layers.1.mlp.up_proj"] == "m.blocks.3.mlp.up_proj"  # relative depth 1 -> 1
+    with pytest.raises(IlaError, match="ranks 4 blocks but the model has 2"):
+        select_layers("top:0.5", target, [four])
+
+
+def test_random_freezes_exactly_the_fraction():
+    layers = discover_layers(make_model("llama"))
+    for fraction, frozen in ((0.25, 4), (0.5, 7), (0.1, 2)):
+        assert len(layers) - len(select_layers(f"random:{fraction}", layers, seed=3).trained) == frozen
+
+
+def test_adalora_penalty_is_peft_own(model_dirs):
+    from peft import AdaLoraConfig, get_peft_model
+
+    from ila.training.finetune import adalora_orthogonality
+    from ila.training.loss import response_loss
+
+    model = get_peft_model(make_model("llama"), AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                             target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(8, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        peft_loss = model.base_model(**batch).loss  # AdaLoraModel adds its term when it computes the loss
+        ours = response_loss(model, batch) + adalora_orthogonality(model)
+    torch.testing.assert_close(ours, peft_loss)
+    assert adalora_orthogonality(model) > 0
+
+
+def test_resume_guards(model_dirs, data_file, tmp_path, capsys):
+    from ila.cli import main
+
+    common = ["train", "--model", str(model_dirs("llama")), "--data", str(data_file), "--max-steps", "2",
+              "--max-length", "32"]
+    assert main([*common, "--out", str(tmp_path / "done")]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "done"), "--resume"]) == 2  # finished: nothing to resume
+    assert "already holds a finished run" in capsys.readouterr().err
+    (tmp_path / "half" / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    assert main([*common, "--out", str(tmp_path / "half")]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "ada"), "--method", "adalora", "--resume"]) == 2
+    assert "not supported for method adalora" in capsys.readouterr().err
+
+
 def test_cross_model_transfer_maps_by_depth_and_role(tmp_path):
     source = Ranking.load(write_ranking(tmp_path / "gemma.json", "gemma3", 0))  # 2 blocks, Llama-style roles
     target = discover_layers(make_model("llama"))

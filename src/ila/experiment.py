@@ -37,6 +37,7 @@ import yaml
 from ila.config import IdentifyConfig, TrainConfig, flatten, load_config, with_overrides
 from ila.errors import IlaError
 from ila.io import write_json_atomic, write_text_atomic
+from ila.selection import parse_select
 
 GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train", "eval"}
 EVAL_KEYS = {"mc", "exact", "limit"}
@@ -105,7 +106,12 @@ def load_grid(path: str | Path) -> Grid:
         if bad:
             raise IlaError(f"experiment {path}: selections[{i}]: unknown key '{bad[0]}' "
                            f"(expected one of: {', '.join(sorted(SELECTION_KEYS))})")
-        label = str(item.get("label", item["select"]))
+        seed_suffix = f" (seed {item['select_seed']})" if item.get("select_seed") is not None else ""
+        label = str(item.get("label", f"{item['select']}{seed_suffix}"))
+        if item.get("select_seed") is not None and not isinstance(item["select_seed"], int):
+            raise IlaError(f"experiment {path}: selections[{i}].select_seed must be an integer")
+        if any(_slug(label) == _slug(other.label) for other in selections):
+            raise IlaError(f"experiment {path}: selections[{i}]: label {label!r} repeats another (cells would collide)")
         selections.append(Selection(label, str(item["select"]), item.get("select_seed")))
     for key in ("identify", "train", "eval"):
         if not isinstance(raw.get(key, {}), dict):
@@ -114,9 +120,20 @@ def load_grid(path: str | Path) -> Grid:
     if bad:
         expected = ", ".join(sorted(EVAL_KEYS))
         raise IlaError(f"experiment {path}: eval: unknown key '{bad[0]}' (expected one of: {expected})")
+    seeds = strings("seeds", [0])
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or len(set(seeds)) != len(seeds):
+        raise IlaError(f"experiment {path}: 'seeds' must be distinct integers, got {seeds!r}")
+    ev = raw.get("eval", {})
+    for key in ("mc", "exact"):
+        if key in ev and not (isinstance(ev[key], list) and all(isinstance(x, str) for x in ev[key])):
+            raise IlaError(f"experiment {path}: eval.{key} must be a list of task names, got {ev[key]!r}")
+    if "limit" in ev and not (isinstance(ev["limit"], int) and ev["limit"] > 0):
+        raise IlaError(f"experiment {path}: eval.limit must be a positive integer, got {ev['limit']!r}")
+    if raw.get("ranking") is not None and not Path(str(raw["ranking"])).is_file():
+        raise IlaError(f"experiment {path}: ranking {raw['ranking']}: file not found")
     grid = Grid(
         name=str(raw.get("name", path.stem)), models=strings("models", [None]), data=strings("data", [None]),
-        methods=strings("methods", ["lora"]), seeds=[int(s) for s in strings("seeds", [0])], selections=selections,
+        methods=strings("methods", ["lora"]), seeds=seeds, selections=selections,
         ranking=raw.get("ranking"), identify=raw.get("identify", {}), train=raw.get("train", {}),
         eval=raw.get("eval", {}),
     )
@@ -157,23 +174,27 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
     for model in grid.models:
         for data in grid.data:
             rankings: list[str] = []
-            if any(":" in s.select and s.select.split(":")[0] in ("freeze-bottom", "top", "intersect")
-                   for s in grid.selections):
+            if any(_needs_ranking(s) for s in grid.selections):
                 rankings = [grid.ranking] if grid.ranking else [str(_identify(grid, model, data, out, run_identify))]
             for method in grid.methods:
                 for sel in grid.selections:
                     for seed in grid.seeds:
                         cell = out / "cells" / _slug(model) / _slug(data) / method / _slug(sel.label) / f"seed{seed}"
-                        needs = rankings if sel.select.split(":")[0] in ("freeze-bottom", "top", "intersect") else []
+                        needs = rankings if _needs_ranking(sel) else []
                         if not (cell / "run.json").exists():
                             print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}")
-                            run_train(_train_config(grid, model, data, method, sel, seed, needs), cell)
+                            run_train(_train_config(grid, model, data, method, sel, seed, needs), cell,
+                                      resume=(cell / "checkpoints").is_dir() and method != "adalora")
                         if grid.eval and not (cell / "eval.json").exists():
                             print(f"[{grid.name}] eval {cell}")
                             run_eval(run=cell, heldout=False, mc=grid.eval.get("mc"), exact=grid.eval.get("exact"),
                                      limit=grid.eval.get("limit", 50), seed=seed, out=cell / "eval.json")
                         rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
     return write_table(grid.name, rows, out)
+
+
+def _needs_ranking(sel: Selection) -> bool:
+    return parse_select(sel.select)[0] in ("freeze-bottom", "top", "intersect")
 
 
 def _identify(grid: Grid, model, data, out: Path, run_identify) -> Path:

@@ -26,9 +26,12 @@ def _run_info(run: Path) -> dict[str, Any]:
 
 def load_for_eval(model: str | None, adapter: str | Path | None, run: str | Path | None):
     """The model (with its adapter, if any) and tokenizer to score, plus what was loaded."""
+    import torch
+
     from ila.models import load_model
 
     source: dict[str, Any] = {}
+    info: dict[str, Any] = {}
     if run is not None:
         run = Path(run)
         info = _run_info(run)
@@ -38,7 +41,12 @@ def load_for_eval(model: str | None, adapter: str | Path | None, run: str | Path
             return model_obj, tokenizer, {**source, "model": str(run / "model")}, info
         model = model or info.get("model")
         adapter = adapter or (run / "adapter" if (run / "adapter").is_dir() else None)
-    model_obj, tokenizer = load_model(model)
+    quant = None
+    if info.get("method") == "qlora":  # score the adapter on the 4-bit base it was trained on
+        from ila.training.finetune import quantization_config
+
+        quant = quantization_config(torch.float32)
+    model_obj, tokenizer = load_model(model, quantization_config=quant)
     source["model"] = model or "smollm2-135m"
     if adapter is not None:
         from peft import PeftModel
@@ -50,7 +58,7 @@ def load_for_eval(model: str | None, adapter: str | Path | None, run: str | Path
             raise IlaError(f"adapter {adapter}: does not match model {source['model']} ({first[:200]})") from None
         source["adapter"] = str(adapter)
     model_obj.eval()
-    return model_obj, tokenizer, source, (_run_info(Path(run)) if run is not None else {})
+    return model_obj, tokenizer, source, info
 
 
 def run_eval(

@@ -54,8 +54,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def check_output_folder(out: Path, marker: str) -> None:
-    """Refuse an output path that is a file, lies under a file, or already holds a finished run."""
+def check_output_folder(out: Path, marker: str, *, resume: bool = False) -> None:
+    """Refuse an output path that is a file, is not writable, holds a finished run, or holds an unfinished run
+    (checkpoints) when not resuming."""
     if out.exists() and not out.is_dir():
         raise IlaError(f"output folder {out}: exists and is not a folder")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
@@ -63,6 +64,8 @@ def check_output_folder(out: Path, marker: str) -> None:
         raise IlaError(f"output folder {out}: {parent} is not a writable folder")
     if (out / marker).exists():
         raise IlaError(f"output folder {out}: already holds a finished run ({marker}); choose another --out")
+    if not resume and any((out / "checkpoints").glob("checkpoint-*")):
+        raise IlaError(f"output folder {out}: holds an unfinished run; pass --resume to continue it, or another --out")
 
 
 def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = False) -> Ranking:
@@ -71,8 +74,7 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     out = Path(out)
     if config.adapter and (config.stage1.method != "lora" or config.stage1.milestones or resume):
         raise IlaError("--adapter runs stage 2 alone: it takes no --method full, --milestones or --resume")
-    if not resume:
-        check_output_folder(out, "ranking.json")
+    check_output_folder(out, "ranking.json", resume=resume)
     started = time.perf_counter()
     set_seed(config.seed)
     examples = load_examples(config.data, max_examples=config.max_examples, seed=config.seed)  # fail fast

@@ -49,9 +49,11 @@ class CostCallback(TrainerCallback):
         self.step_ms: list[float] = []
         self.peak_bytes = 0
         self._t0 = 0.0
+        self._tokens_at_start = 0
         self._sampler: _RssSampler | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._tokens_at_start = state.num_input_tokens_seen  # a resumed run restores the earlier count
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         else:
@@ -75,10 +77,10 @@ class CostCallback(TrainerCallback):
         else:
             self.peak_bytes = peak_memory_bytes()
 
-    def tokens_per_second(self, tokens: int | float) -> float:
-        """Tokens processed per second of measured step time."""
+    def tokens_per_second(self, tokens_seen: int | float) -> float:
+        """Tokens processed per second of measured step time; `tokens_seen` is the Trainer's running total."""
         seconds = sum(self.step_ms) / 1000
-        return float(tokens) / seconds if seconds > 0 else 0.0
+        return float(tokens_seen - self._tokens_at_start) / seconds if seconds > 0 else 0.0
 
     def summary(self, model: torch.nn.Module | None = None, tokens: int | float | None = None) -> dict[str, float]:
         """Median step time and peak memory; trainable parameters and tokens/s when given the model and tokens."""

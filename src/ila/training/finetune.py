@@ -16,6 +16,7 @@ dropout 0.1.
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,21 @@ from ila.training.cost import CostCallback
 from ila.training.trainer import ResponseLossTrainer, training_arguments
 
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "adalora": 2e-4, "full": 1e-5}
+
+
+def adalora_orthogonality(model: nn.Module, adapter: str = "default") -> torch.Tensor:
+    """AdaLoRA's regulariser orth_reg_weight · mean ‖PPᵀ − I‖_F over its A and B matrices.
+
+    PEFT adds it inside `AdaLoraModel.forward` only when the model computes the loss from `labels`; the
+    response-only loss here does not pass labels, so the term is added the same way from outside.
+    """
+    weight = model.peft_config[adapter].orth_reg_weight
+    terms = []
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and adapter in name and p.numel():
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype)))
+    return weight * torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 class AdaLoraAllocationCallback(TrainerCallback):
@@ -111,8 +127,10 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     """Fine-tune and write the run folder `out`."""
     config.validate()
     out = Path(out)
-    if not resume:
-        check_output_folder(out, "run.json")
+    if resume and config.method == "adalora":
+        raise IlaError("--resume is not supported for method adalora (its rank allocation is not checkpointed); "
+                       "start a new run")
+    check_output_folder(out, "run.json", resume=resume)
     parse_select(config.select)
     rankings = []
     for path in config.rankings:
@@ -137,7 +155,9 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     if actually != {x.name for x in selection.trained}:  # guards the promise that run folders state
         raise AssertionError(f"trained layers differ from the selection: {sorted(actually)[:3]}…")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "selection.json", selection.to_json())
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes files
+    if main_process:
+        write_json_atomic(out / "selection.json", selection.to_json())
 
     cost = CostCallback()
     callbacks: list[TrainerCallback] = [cost]
@@ -151,11 +171,14 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
         save_steps=config.save_steps, report_to=config.report_to,
         bf16=config.dtype == "bfloat16" and config.method != "qlora",
     )
+    extra = (lambda: adalora_orthogonality(model)) if config.method == "adalora" else None
     trainer = ResponseLossTrainer(model=model, args=args, train_dataset=train, data_collator=collate(tokenizer),
-                                  callbacks=callbacks)
+                                  callbacks=callbacks, extra_loss=extra)
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out / "checkpoints") if resume else None)
     heldout_loss = heldout_metrics(model, heldout, collate(tokenizer))["loss"] if len(heldout) else None
 
+    if not main_process:
+        return TrainRun(model, selection, {}, heldout_loss, trainer)
     if config.method == "full":
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
