@@ -57,6 +57,11 @@ def test_grid_runs_writes_the_table_and_skips_finished_cells(model_dirs, data_fi
     header = next(csv.reader((out / "tiny.csv").open()))
     assert any(h.startswith("acc ") for h in header)
 
+    # a changed grid does not silently reuse cells made with the old settings
+    config.write_text(config.read_text().replace("max_steps: 3", "max_steps: 4"))
+    with pytest.raises(IlaError, match="was run with another max_steps"):
+        run_experiment(config, out)
+
 
 @pytest.mark.parametrize("old, new, needle", [
     ("seeds: [0, 1]", "seedz: [1]", "unknown key 'seedz'"),

@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranking.json for the selection (repeat for intersect)")
     p.add_argument("--transfer", action="store_true", default=None,
                    help="map rankings from another architecture by relative depth and role")
-    p.add_argument("--seed", type=int, help="seed (also draws random:F)")
+    p.add_argument("--seed", type=int, help="seed of data order, initialisation and dropout (and of random:F "
+                   "unless --select-seed)")
+    p.add_argument("--select-seed", type=int, help="seed of the random:F draw (RL 1 / RL 2 at one training seed)")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--learning-rate", type=float, help="default 2e-4 for adapters, 1e-5 for full fine-tuning")
     p.add_argument("--batch-size", type=int, help="per-device batch size")

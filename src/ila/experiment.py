@@ -14,7 +14,7 @@ Each cell is an `ila train` run in `OUT/cells/<model>/<data>/<method>/<selection
       - all
       - {label: "LoRA w/ ILA", select: "freeze-bottom:0.25"}
       - {label: "RL 1", select: "random:0.25", select_seed: 1}
-    ranking: null                   # a ranking.json for every cell, or null: identify per (model, data)
+    ranking: null                   # ranking.json (or a list, for intersect:F), or null: identify per (model, data)
     identify: {stage1: {max_steps: 40}}   # IdentifyConfig keys for those identify runs
     train: {max_steps: 40}                # TrainConfig keys shared by every cell
     eval: {mc: [hhh_alignment], exact: [], limit: 50}   # optional: `ila eval` of every cell -> more columns
@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from ila.config import IdentifyConfig, TrainConfig, flatten, load_config, with_overrides
+from ila.config import IdentifyConfig, TrainConfig, flatten, load_config, to_dict, with_overrides
 from ila.errors import IlaError
 from ila.io import write_json_atomic, write_text_atomic
 from ila.selection import parse_select
@@ -68,7 +68,7 @@ class Grid:
     methods: list[str]
     seeds: list[int]
     selections: list[Selection]
-    ranking: str | None = None
+    ranking: str | list[str] | None = None  # one file, several (intersect), or None: identify per (model, data)
     identify: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
@@ -129,8 +129,10 @@ def load_grid(path: str | Path) -> Grid:
             raise IlaError(f"experiment {path}: eval.{key} must be a list of task names, got {ev[key]!r}")
     if "limit" in ev and not (isinstance(ev["limit"], int) and ev["limit"] > 0):
         raise IlaError(f"experiment {path}: eval.limit must be a positive integer, got {ev['limit']!r}")
-    if raw.get("ranking") is not None and not Path(str(raw["ranking"])).is_file():
-        raise IlaError(f"experiment {path}: ranking {raw['ranking']}: file not found")
+    given = raw.get("ranking")
+    for ranking in (given if isinstance(given, list) else [given] if given is not None else []):
+        if not Path(str(ranking)).is_file():
+            raise IlaError(f"experiment {path}: ranking {ranking}: file not found")
     grid = Grid(
         name=str(raw.get("name", path.stem)), models=strings("models", [None]), data=strings("data", [None]),
         methods=strings("methods", ["lora"]), seeds=seeds, selections=selections,
@@ -175,22 +177,38 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
         for data in grid.data:
             rankings: list[str] = []
             if any(_needs_ranking(s) for s in grid.selections):
-                rankings = [grid.ranking] if grid.ranking else [str(_identify(grid, model, data, out, run_identify))]
+                rankings = ([str(r) for r in grid.ranking] if isinstance(grid.ranking, list) else [str(grid.ranking)]
+                            if grid.ranking else [str(_identify(grid, model, data, out, run_identify))])
             for method in grid.methods:
                 for sel in grid.selections:
                     for seed in grid.seeds:
                         cell = out / "cells" / _slug(model) / _slug(data) / method / _slug(sel.label) / f"seed{seed}"
                         needs = rankings if _needs_ranking(sel) else []
+                        config = _train_config(grid, model, data, method, sel, seed, needs)
+                        _check_cell(cell, config)
                         if not (cell / "run.json").exists():
                             print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}")
-                            run_train(_train_config(grid, model, data, method, sel, seed, needs), cell,
-                                      resume=(cell / "checkpoints").is_dir() and method != "adalora")
+                            run_train(config, cell, resume=(cell / "checkpoints").is_dir() and method != "adalora")
                         if grid.eval and not (cell / "eval.json").exists():
                             print(f"[{grid.name}] eval {cell}")
                             run_eval(run=cell, heldout=False, mc=grid.eval.get("mc"), exact=grid.eval.get("exact"),
                                      limit=grid.eval.get("limit", 50), seed=seed, out=cell / "eval.json")
                         rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
     return write_table(grid.name, rows, out)
+
+
+def _check_cell(cell: Path, config: TrainConfig) -> None:
+    """A finished cell is reused only if it was made with the same configuration."""
+    import json
+
+    if not (cell / "run.json").exists():
+        return
+    saved = json.loads((cell / "run.json").read_text()).get("config", {})
+    wanted = to_dict(config)
+    changed = sorted(k for k in wanted if k != "rankings" and saved.get(k) != wanted[k])
+    if changed:
+        raise IlaError(f"experiment cell {cell}: was run with another {changed[0]} ({saved.get(changed[0])!r}, now "
+                       f"{wanted[changed[0]]!r}); remove the cell or use another --out")
 
 
 def _needs_ranking(sel: Selection) -> bool:
