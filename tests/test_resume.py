@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from ila.importance.stage1 import last_complete_checkpoint
+from ila.training.trainer import last_complete_checkpoint
 
 
 def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path):

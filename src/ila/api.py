@@ -29,6 +29,12 @@ IDENTIFY_OPTIONS = {
 }
 
 
+def _check_options(job: str, options: dict[str, Any], allowed) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise IlaError(f"{job}: unknown option {unknown[0]!r} (expected one of: {', '.join(allowed)})")
+
+
 def identify(
     out: str | Path,
     *,
@@ -44,9 +50,7 @@ def identify(
     """
     from ila.importance.ila import run_identify
 
-    unknown = sorted(set(options) - set(IDENTIFY_OPTIONS))
-    if unknown:
-        raise IlaError(f"identify: unknown option {unknown[0]!r} (expected one of: {', '.join(IDENTIFY_OPTIONS)})")
+    _check_options("identify", options, IDENTIFY_OPTIONS)
     overrides = {IDENTIFY_OPTIONS[k]: v for k, v in options.items()}
     # an in-memory config goes through the same validation as a YAML file
     config = with_overrides(config, overrides) if isinstance(config, IdentifyConfig) else load_config(config, overrides)
@@ -67,9 +71,7 @@ def train(out: str | Path, *, config: TrainConfig | str | Path | None = None, re
     """
     from ila.training.finetune import run_train
 
-    unknown = sorted(set(options) - set(TRAIN_OPTIONS))
-    if unknown:
-        raise IlaError(f"train: unknown option {unknown[0]!r} (expected one of: {', '.join(TRAIN_OPTIONS)})")
+    _check_options("train", options, TRAIN_OPTIONS)
     given = {k: v for k, v in options.items() if v is not None and v != []}
     if isinstance(config, TrainConfig):
         return run_train(with_overrides(config, given), out, resume=resume)
@@ -91,7 +93,5 @@ def evaluate(**options: Any) -> dict:
     """Score a model, adapter or run folder (`ila eval`); options are the CLI's by their Python names."""
     from ila.evaluation.job import run_eval
 
-    unknown = sorted(set(options) - set(EVAL_OPTIONS))
-    if unknown:
-        raise IlaError(f"evaluate: unknown option {unknown[0]!r} (expected one of: {', '.join(EVAL_OPTIONS)})")
+    _check_options("evaluate", options, EVAL_OPTIONS)
     return run_eval(**{k: v for k, v in options.items() if v is not None})

@@ -14,11 +14,15 @@ from ila.errors import IlaError
 EPILOG = "Docs: README.md and docs/. Add --debug to any command for a full traceback."
 
 
-def _add_identify_options(p: argparse.ArgumentParser) -> None:
+def _add_model_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local HF folder, hub name, .gguf file, or embedded name "
                    "(smollm2-135m, gemma3-270m). Default: smollm2-135m")
     p.add_argument("--data", help="alpaca/messages .json/.jsonl file, hub dataset name, or "
                    "bigbench:TASK[/SUBTASK_GLOB]. Default: a natural_instructions subset")
+
+
+def _add_identify_options(p: argparse.ArgumentParser) -> None:
+    _add_model_data_options(p)
     p.add_argument("--config", type=Path, help="YAML config (see configs/); command-line options override it")
     p.add_argument("--max-steps", type=int, help="stage-1 step cap (stage 1 stops earlier once ε-stable)")
     p.add_argument("--stage2-steps", type=int, help="stage-2 optimisation steps for the scores")
@@ -63,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "chooses (the rest frozen or without adapters). Writes the adapter or full weights, "
                        "selection.json and run.json (cost, held-out loss) to --out.", epilog=EPILOG)
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
-    p.add_argument("--model", help="as for identify (default smollm2-135m)")
-    p.add_argument("--data", help="as for identify (default: a natural_instructions subset)")
+    _add_model_data_options(p)
     p.add_argument("--config", type=Path, help="YAML config (keys of ila.config.TrainConfig); options override it")
     p.add_argument("--method", help="lora (default) | qlora | full | adalora")
     p.add_argument("--select", help="all | freeze-bottom:F | top:F | random:F | first:F | last:F | names:REGEX | "

@@ -225,26 +225,25 @@ def _fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
         raise IlaError(f"{name}: {value!r} is not a fraction in {'[0' if allow_zero else '(0'}, 1]")
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, cls: type | None = None) -> Any:
-    """Read a YAML config (optional), apply dotted `overrides` ({"stage1.max_steps": 10}), validate.
+def read_yaml_mapping(path: str | Path, label: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; one-line errors name `label` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise IlaError(f"{label} {path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise IlaError(f"{label} {path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise IlaError(f"{label} {path}: expected a mapping of keys at the top level")
+    return raw
 
-    `cls` is the job's config class (default `IdentifyConfig`).
-    """
-    cls = cls or IdentifyConfig
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise IlaError(f"config {path}: file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise IlaError(f"config {path}: not valid YAML{where}") from exc
-        if not isinstance(raw, dict):
-            raise IlaError(f"config {path}: expected a mapping of keys at the top level")
-    for dotted, value in (overrides or {}).items():
+
+def _set_dotted(raw: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """Apply {"stage1.max_steps": 5}-style overrides to nested plain data (None values are skipped)."""
+    for dotted, value in overrides.items():
         if value is None:
             continue
         node = raw
@@ -254,11 +253,21 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
                 node[part] = {}
             if not isinstance(node[part], dict):
                 section = ".".join(parents[: depth + 1])
-                raise IlaError(f"config {path}: '{section}' must be a mapping of keys, got {node[part]!r}")
+                raise IlaError(f"{where}'{section}' must be a mapping of keys, got {node[part]!r}")
             node = node[part]
         node[leaf] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, cls: type | None = None) -> Any:
+    """Read a YAML config (optional), apply dotted `overrides` ({"stage1.max_steps": 10}), validate.
+
+    `cls` is the job's config class (default `IdentifyConfig`).
+    """
+    raw = read_yaml_mapping(path, "config") if path is not None else {}
     where = f"config {path}: " if path is not None else ""
-    return _build(cls, raw, where, "").validate()
+    _set_dotted(raw, overrides or {}, where)
+    return _build(cls or IdentifyConfig, raw, where, "").validate()
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -274,16 +283,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """A validated copy of a config object with dotted `overrides` applied (None values are skipped)."""
-    raw = dataclasses.asdict(config)
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return _build(type(config), raw, "", "").validate()
+    return _build(type(config), _set_dotted(dataclasses.asdict(config), overrides, ""), "", "").validate()
 
 
 def _build(cls: type, raw: dict[str, Any], where: str, prefix: str) -> Any:

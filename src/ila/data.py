@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset
 
-from ila.errors import IlaError
+from ila.errors import IlaError, first_line
 from ila.io import write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def _read_hf(name: str, max_examples: int | None, seed: int) -> list[Example]:
     try:
         loaded = datasets.load_dataset(name)
     except Exception as e:  # the library raises many types (connection, not found, builder errors)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise IlaError(f"data {name!r} is neither a local .json/.jsonl file, a 'bigbench:TASK[/SUBTASK]' "
                        f"spec nor a dataset datasets.load_dataset can reach ({reason})") from None
     if isinstance(loaded, datasets.DatasetDict):

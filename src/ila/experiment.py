@@ -26,15 +26,23 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ila.config import IdentifyConfig, TrainConfig, flatten, load_config, to_dict, with_overrides
+from ila.config import (
+    IdentifyConfig,
+    TrainConfig,
+    flatten,
+    load_config,
+    read_yaml_mapping,
+    to_dict,
+    with_overrides,
+)
 from ila.errors import IlaError
 from ila.io import write_json_atomic, write_text_atomic
 from ila.selection import parse_select
@@ -77,14 +85,7 @@ class Grid:
 def load_grid(path: str | Path) -> Grid:
     """Read and check an experiment YAML; unknown keys and wrong types are one-line errors."""
     path = Path(path)
-    if not path.is_file():
-        raise IlaError(f"experiment {path}: file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise IlaError(f"experiment {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise IlaError(f"experiment {path}: expected a mapping of keys at the top level")
+    raw = read_yaml_mapping(path, "experiment")
     unknown = sorted(set(raw) - GRID_KEYS)
     if unknown:
         expected = ", ".join(sorted(GRID_KEYS))
@@ -199,8 +200,6 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
 
 def _check_cell(cell: Path, config: TrainConfig) -> None:
     """A finished cell is reused only if it was made with the same configuration."""
-    import json
-
     if not (cell / "run.json").exists():
         return
     saved = json.loads((cell / "run.json").read_text()).get("config", {})
@@ -225,9 +224,6 @@ def _identify(grid: Grid, model, data, out: Path, run_identify) -> Path:
 
 
 def _summary(cell: Path) -> dict:
-    import json
-    import math
-
     run = json.loads((cell / "run.json").read_text())
     loss = run.get("heldout_loss")
     summary = {**run["cost"], "heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None}

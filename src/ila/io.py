@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ila.errors import IlaError
+
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (readable by everyone, as a normal file would be)."""
@@ -31,3 +33,17 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def check_output_folder(out: Path, marker: str, *, resume: bool = False) -> None:
+    """Refuse an output path that is a file, is not writable, holds a finished run, or holds an unfinished run
+    (checkpoints) when not resuming."""
+    if out.exists() and not out.is_dir():
+        raise IlaError(f"output folder {out}: exists and is not a folder")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise IlaError(f"output folder {out}: {parent} is not a writable folder")
+    if (out / marker).exists():
+        raise IlaError(f"output folder {out}: already holds a finished run ({marker}); choose another --out")
+    if not resume and any((out / "checkpoints").glob("checkpoint-*")):
+        raise IlaError(f"output folder {out}: holds an unfinished run; pass --resume to continue it, or another --out")

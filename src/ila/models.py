@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import torch
 
 from ila.assets import EMBEDDED_MODELS, cache_dir, embedded_gguf_path
-from ila.errors import IlaError
+from ila.errors import IlaError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -129,11 +129,6 @@ def load_model(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _has_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
@@ -153,13 +148,13 @@ def _load_folder(
             **({"quantization_config": quantization_config} if quantization_config is not None else {}),
         )
     except (OSError, ValueError, KeyError) as err:
-        raise IlaError(f"model {shown!r}: could not load a model from {folder}: {_first_line(err)}") from err
+        raise IlaError(f"model {shown!r}: could not load a model from {folder}: {first_line(err)}") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, trust_remote_code=trust_remote_code, local_files_only=True
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise IlaError(f"model {shown!r}: no usable tokenizer in {folder}: {_first_line(err)}") from err
+        raise IlaError(f"model {shown!r}: no usable tokenizer in {folder}: {first_line(err)}") from err
     return _finish(model, tokenizer)
 
 
@@ -183,7 +178,7 @@ def _dequantise(gguf: Path, folder: Path, shown: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
-        raise IlaError(f"model {shown!r}: could not load GGUF file {gguf}: {_first_line(err)}") from err
+        raise IlaError(f"model {shown!r}: could not load GGUF file {gguf}: {first_line(err)}") from err
     # transformers 5 marks GGUF-loaded models as quantized and refuses to save them; the weights are plain
     # dequantised tensors, so drop the quantizer and its config before saving.
     model.hf_quantizer = None
@@ -271,7 +266,7 @@ def _load_hub(
             repo, trust_remote_code=trust_remote_code, local_files_only=local_only
         )
     except (OSError, ValueError, KeyError) as err:
-        raise IlaError(f"model {repo!r}: could not load from the hub: {_first_line(err)}") from err
+        raise IlaError(f"model {repo!r}: could not load from the hub: {first_line(err)}") from err
     return _finish(model, tokenizer)
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ila.errors import IlaError
+from ila.errors import IlaError, first_line
 from ila.io import write_json_atomic
 
 
@@ -54,8 +54,8 @@ def load_for_eval(model: str | None, adapter: str | Path | None, run: str | Path
         try:
             model_obj = PeftModel.from_pretrained(model_obj, str(adapter), is_trainable=False)
         except Exception as exc:  # noqa: BLE001 - PEFT raises many types for an adapter that does not fit
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise IlaError(f"adapter {adapter}: does not match model {source['model']} ({first[:200]})") from None
+            reason = first_line(exc)[:200]
+            raise IlaError(f"adapter {adapter}: does not match model {source['model']} ({reason})") from None
         source["adapter"] = str(adapter)
     model_obj.eval()
     return model_obj, tokenizer, source, info

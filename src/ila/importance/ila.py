@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import shutil
 import time
@@ -30,9 +29,10 @@ from transformers import set_seed
 
 from ila.config import IdentifyConfig, to_dict
 from ila.data import DEFAULT_DATA, build_dataset, collate, load_examples, split_train_heldout
-from ila.errors import IlaError
+from ila.errors import IlaError, first_line
 from ila.importance.stage1 import run_stage1
 from ila.importance.stage2 import run_stage2
+from ila.io import check_output_folder
 from ila.layers import LayerId, base_model_of, discover_layers
 from ila.models import load_model, model_label
 from ila.ranking import Ranking
@@ -52,20 +52,6 @@ def package_versions() -> dict[str, str]:
         except importlib_metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def check_output_folder(out: Path, marker: str, *, resume: bool = False) -> None:
-    """Refuse an output path that is a file, is not writable, holds a finished run, or holds an unfinished run
-    (checkpoints) when not resuming."""
-    if out.exists() and not out.is_dir():
-        raise IlaError(f"output folder {out}: exists and is not a folder")
-    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise IlaError(f"output folder {out}: {parent} is not a writable folder")
-    if (out / marker).exists():
-        raise IlaError(f"output folder {out}: already holds a finished run ({marker}); choose another --out")
-    if not resume and any((out / "checkpoints").glob("checkpoint-*")):
-        raise IlaError(f"output folder {out}: holds an unfinished run; pass --resume to continue it, or another --out")
 
 
 def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = False) -> Ranking:
@@ -193,8 +179,8 @@ def _load_adapter(model, layers: list[LayerId], adapter: str | Path):
         with safe_open(str(weights_file), "pt") as f:
             saved = set(f.keys())
     except Exception as exc:  # noqa: BLE001 - PEFT, safetensors and torch raise many types for a bad adapter
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IlaError(f"adapter {adapter}: does not match the model or is unreadable ({first[:200]})") from None
+        reason = first_line(exc)[:200]
+        raise IlaError(f"adapter {adapter}: does not match the model or is unreadable ({reason})") from None
     expected = set(get_peft_model_state_dict(peft_model))
     if saved != expected:
         extra, missing = sorted(saved - expected), sorted(expected - saved)

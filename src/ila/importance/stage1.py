@@ -21,6 +21,7 @@ from ila.errors import IlaError
 from ila.importance.stability import StabilityCallback, StabilityDetector
 from ila.layers import LayerId, base_model_of
 from ila.training import CostCallback, ResponseLossTrainer, training_arguments
+from ila.training.trainer import last_complete_checkpoint
 
 
 @dataclass
@@ -156,12 +157,3 @@ def milestone_schedule(fractions: list[float], max_steps: int) -> dict[int, floa
             raise IlaError(f"stage1.milestones: {steps[step]:g} and {f:g} both fall on step {step} of {max_steps}")
         steps[step] = f
     return steps
-
-
-def last_complete_checkpoint(work_dir: Path) -> str | None:
-    """The newest `checkpoint-N` whose `trainer_state.json` was written (the Trainer writes it last)."""
-    if not work_dir.is_dir():
-        return None
-    done = [p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            and (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None

@@ -29,15 +29,13 @@ from ila.config import TrainConfig, to_dict
 from ila.data import build_dataset, collate, load_examples, split_train_heldout
 from ila.errors import IlaError
 from ila.evaluation.heldout import heldout_loss as heldout_metrics
-from ila.importance.ila import check_output_folder
-from ila.importance.stage1 import last_complete_checkpoint
-from ila.io import write_json_atomic
+from ila.io import check_output_folder, write_json_atomic
 from ila.layers import LayerId, base_model_of, discover_layers
 from ila.models import load_model, model_label
 from ila.ranking import Ranking
 from ila.selection import Selection, parse_select, select_layers
 from ila.training.cost import CostCallback
-from ila.training.trainer import ResponseLossTrainer, training_arguments
+from ila.training.trainer import ResponseLossTrainer, last_complete_checkpoint, training_arguments
 
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "adalora": 2e-4, "full": 1e-5}
 

@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from ila.errors import IlaError
+from ila.errors import IlaError, first_line
 from ila.training.loss import response_loss
 
 
@@ -108,5 +108,13 @@ def training_arguments(
             include_num_input_tokens_seen="non_padding",
         )
     except (ValueError, ImportError) as exc:  # e.g. an unknown report_to integration
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise IlaError(f"training arguments: {first[:300]}") from None
+        raise IlaError(f"training arguments: {first_line(exc)[:300]}") from None
+
+
+def last_complete_checkpoint(work_dir: Path) -> str | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` was written (the Trainer writes it last)."""
+    if not work_dir.is_dir():
+        return None
+    done = [p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
