@@ -1,11 +1,50 @@
-"""A killed `ila identify` resumes stage 1 from its last checkpoint with --resume."""
+"""A killed `ila identify` / `ila train` resumes from its last complete checkpoint with --resume."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from ila.training.trainer import last_complete_checkpoint
+
+
+def _kill_at_first_complete_checkpoint(args: list[str], out: Path) -> int:
+    """Start `args`, SIGKILL it once a checkpoint is completely written, return that checkpoint's step.
+
+    The checkpoints live until the run ends, so the wait cannot miss them however fast the machine is.
+    """
+    log = out.parent / f"{out.name}.stderr"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 300
+    while last_complete_checkpoint(out / "checkpoints") is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -9, f"the run ended (rc {proc.returncode}) unkilled: {log.read_text()[-2000:]}"
+    newest = last_complete_checkpoint(out / "checkpoints")
+    assert newest, "no checkpoint was written within 300 s"
+    return int(newest.rsplit("-", 1)[1])
+
+
+def _fake_half_written_checkpoint(checkpoints: Path, step: int) -> None:
+    """What a kill during a save leaves: a newer checkpoint folder without its trainer_state.json."""
+    newer = checkpoints / f"checkpoint-{step + 5}"
+    if not newer.exists():
+        shutil.copytree(checkpoints / f"checkpoint-{step}", newer)
+    (newer / "trainer_state.json").unlink(missing_ok=True)
+
+
+def test_last_complete_checkpoint_skips_half_written_ones(tmp_path):
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    for step, complete in [(5, True), (10, True), (15, False), (9, True)]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # by step number, not name order
 
 
 def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path):
@@ -15,23 +54,16 @@ def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path)
                    "stage2: {steps: 2}\n")
     args = [sys.executable, "-m", "ila.cli", "identify", "--model", str(model_dirs("llama")), "--data",
             str(data_file), "--out", str(out), "--config", str(cfg), "--max-steps", "400"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(out.glob("checkpoints/checkpoint-1[05]")) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    # the kill may leave the newest checkpoint half-written; resume must use the newest complete one
-    done = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoints/checkpoint-*/trainer_state.json"))
-    assert done and done[-1] < 400, "the run should have been killed mid-way"
-    assert last_complete_checkpoint(out / "checkpoints").endswith(f"checkpoint-{done[-1]}")
+    killed_at = _kill_at_first_complete_checkpoint(args, out)
+    assert 0 < killed_at < 400
     assert not (out / "ranking.json").exists()
+    _fake_half_written_checkpoint(out / "checkpoints", killed_at)
 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     meta = json.loads((out / "ranking.json").read_text())["metadata"]
     assert meta["stage1_steps"] == 400
-    assert meta["stage1_cost"]["steps"] == 400 - done[-1]  # only the remaining steps ran in the second process
+    assert meta["stage1_cost"]["steps"] == 400 - killed_at  # only the remaining steps ran in the second process
     # the probe history spans the whole run: the checks before the kill were replayed from the checkpoint
     steps = [step for step, _ in meta["stage1_probe_losses"]]
     assert steps[0] == 10 and steps[-1] == 400 and steps == sorted(set(steps))
@@ -39,22 +71,17 @@ def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path)
 
 def test_killed_train_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path):
     out = tmp_path / "train"
-    args = [sys.executable, "-m", "ila.cli", "train", "--model", str(model_dirs("llama")), "--data", str(data_file),
-            "--out", str(out), "--max-steps", "150", "--max-length", "32", "--method", "full"]
     cfg = tmp_path / "t.yaml"
     cfg.write_text("save_steps: 5\n")
-    proc = subprocess.Popen([*args, "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
+    args = [sys.executable, "-m", "ila.cli", "train", "--model", str(model_dirs("llama")), "--data", str(data_file),
+            "--out", str(out), "--max-steps", "150", "--max-length", "32", "--method", "full", "--config", str(cfg)]
+    killed_at = _kill_at_first_complete_checkpoint(args, out)
+    assert 0 < killed_at < 150
     assert not (out / "run.json").exists()
-    resume_from = int(last_complete_checkpoint(out / "checkpoints").rsplit("-", 1)[1])
-    assert 0 < resume_from < 150
+    _fake_half_written_checkpoint(out / "checkpoints", killed_at)
 
-    resumed = subprocess.run([*args, "--config", str(cfg), "--resume"], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     run = json.loads((out / "run.json").read_text())
     assert run["steps"] == 150
-    assert run["cost"]["steps"] == 150 - resume_from  # only the remaining steps ran after the resume
+    assert run["cost"]["steps"] == 150 - killed_at  # only the remaining steps ran after the resume
