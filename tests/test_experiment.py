@@ -56,6 +56,14 @@ def test_grid_runs_writes_the_table_and_skips_finished_cells(model_dirs, data_fi
     assert len(list(out.glob("cells/**/eval.json"))) == 6
     header = next(csv.reader((out / "tiny.csv").open()))
     assert any(h.startswith("acc ") for h in header)
+    evals = sorted(out.glob("cells/**/eval.json"))
+    eval_stamps = {e: e.stat().st_mtime_ns for e in evals}
+    run_experiment(config, out)  # same eval section: the scores are reused
+    assert {e: e.stat().st_mtime_ns for e in evals} == eval_stamps
+    config.write_text(config.read_text().replace("limit: 4", "limit: 3"))
+    run_experiment(config, out)  # another limit: every cell is scored again, none retrained
+    assert {c: c.stat().st_mtime_ns for c in cells} == stamps
+    assert all(json.loads(e.read_text())["settings"]["limit"] == 3 for e in evals)
 
     # a changed grid does not silently reuse cells made with the old settings
     config.write_text(config.read_text().replace("max_steps: 3", "max_steps: 4"))

@@ -10,12 +10,13 @@ from ila.layers import discover_layers
 from ila.training import response_loss
 
 
-def lora_model(arch):
+def lora_model(arch, lora_bias=False):
     model = make_model(arch)
     layers = discover_layers(model)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[x.name for x in layers]))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[x.name for x in layers],
+                                                  lora_bias=lora_bias))
     torch.manual_seed(1)
-    with torch.no_grad():  # a trained-looking adapter: PEFT initialises lora_B to zero
+    with torch.no_grad():  # a trained-looking adapter: PEFT initialises lora_B (and its bias) to zero
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
@@ -46,6 +47,26 @@ def test_lora_gate_one_is_peft_output_and_zero_is_base(arch):
             torch.testing.assert_close(model(input_ids=ids).logits, base)
         gates.detach()
         torch.testing.assert_close(model(input_ids=ids).logits, tuned)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_lora_gate_is_linear_in_the_update(lora_bias):
+    """σ scales the whole LoRA branch, bias included: the output at σ = 0.3 lies 30 % of the way to the tuned one."""
+    model, layers = lora_model("qwen2", lora_bias=lora_bias)
+    gates = LayerGates(layers[:1]).attach_lora(model)
+    q_proj = model.base_model.model.get_submodule(layers[0].name)
+    x = torch.randn(2, 5, q_proj.in_features)
+    with torch.no_grad():
+        outputs = {}
+        for value in (0.0, 0.3, 1.0):
+            with gates.fixed(value):
+                outputs[value] = q_proj(x)
+        with model.disable_adapter():
+            base = q_proj(x)
+    off, part, on = outputs[0.0], outputs[0.3], outputs[1.0]
+    torch.testing.assert_close(off, base)
+    assert not torch.allclose(on, base, atol=1e-4)
+    torch.testing.assert_close(part, off + 0.3 * (on - off))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])

@@ -51,6 +51,28 @@ def names_with_optimizer_state(run, layers):
     return {x.name for x in layers if any(f"{x.name}." in n for n in touched)}
 
 
+def other_params(model, layers):
+    """Parameter names outside the blocks' linear layers: embeddings, norms, LM head."""
+    return {n for n, _ in model.named_parameters() if not any(n.startswith(f"{x.name}.") for x in layers)}
+
+
+def moved_other_params(before, after, layers):
+    now = dict(after.named_parameters())
+    return {n for n, p in before.named_parameters() if n in other_params(before, layers) and not torch.equal(p, now[n])}
+
+
+@pytest.mark.parametrize("train_other", [True, False])
+def test_full_train_other_overrides_the_default(train_other, model_dirs, data_file, rankings, tmp_path):
+    before = make_model("llama")
+    layers = discover_layers(before)
+    select = "top:0.3" if train_other else "all"  # the opposite of each selection's default
+    run = run_train(config(model_dirs("llama"), data_file, "full", select, rankings, train_other=train_other),
+                    tmp_path / "run")
+    assert moved_other_params(before, run.model, layers) == (other_params(before, layers) if train_other else set())
+    trained = {x.name for x in run.selection.trained}
+    assert names_with_optimizer_state(run, layers) == trained
+
+
 @pytest.mark.parametrize("select", STRATEGIES)
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_selection_trains_exactly_its_layers(method, select, model_dirs, data_file, rankings, tmp_path):
@@ -74,6 +96,10 @@ def test_selection_trains_exactly_its_layers(method, select, model_dirs, data_fi
         for layer in layers:
             same = torch.equal(base.get_submodule(layer.name).weight, before.get_submodule(layer.name).weight)
             assert same == (layer.name not in expected), layer.name  # frozen: bit-identical; trained: moved
+        # embeddings, norms and the LM head train unless the selection names what trains (train_other unset)
+        train_only = select.startswith(("top:", "names:"))
+        assert moved_other_params(before, run.model, layers) == (set() if train_only else other_params(before, layers))
+        assert cost["other_params_trained"] == (not train_only)
         assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     else:
         assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
@@ -113,6 +139,17 @@ def test_transfer_across_depths():
     assert selection.mapping["model.layers.1.mlp.up_proj"] == "m.blocks.3.mlp.up_proj"  # relative depth 1 -> 1
     with pytest.raises(IlaError, match="ranks 4 blocks but the model has 2"):
         select_layers("top:0.5", target, [four])
+
+
+def test_data_seed_fixes_the_split_across_training_seeds(model_dirs, data_file, tmp_path):
+    def train_split(seed, data_seed):
+        c = config(model_dirs("llama"), data_file, "lora", "all", [], seed=seed, data_seed=data_seed, max_steps=1)
+        c.heldout_fraction = 0.3
+        run = run_train(c, tmp_path / f"run-{seed}-{data_seed}")
+        return sorted(map(tuple, run.trainer.train_dataset["input_ids"]))
+
+    assert train_split(0, 3) == train_split(1, 3)
+    assert train_split(0, None) != train_split(1, None)
 
 
 def test_random_freezes_exactly_the_fraction():
@@ -180,12 +217,15 @@ def test_qlora_trains_a_few_steps(data_file, tmp_path):
 
     # bitsandbytes quantises in blocks of 64 values: the layers need dimensions of at least that
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**{**SMALL, "hidden_size": 128, "intermediate_size": 256})).save_pretrained(
-        tmp_path / "m")
+    base = LlamaForCausalLM(LlamaConfig(**{**SMALL, "hidden_size": 128, "intermediate_size": 256}))
+    base.save_pretrained(tmp_path / "m")
     make_tokenizer().save_pretrained(tmp_path / "m")
     run = run_train(_qlora_config(tmp_path / "m", data_file), tmp_path / "q")
     assert run.trainer.state.global_step == 3
     assert any("Linear4bit" in type(m).__name__ for m in run.model.modules())
+    cost = json.loads((tmp_path / "q" / "run.json").read_text())["cost"]
+    # the base's parameters at their real shape (not 4-bit storage) plus the adapter's
+    assert cost["total_params"] == sum(p.numel() for p in base.parameters()) + cost["trainable_params"]
     assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -224,6 +264,7 @@ def test_qlora_without_bitsandbytes_names_the_extra(model_dirs, data_file, tmp_p
     (["--select", "bogus:0.2"], "unknown strategy 'bogus'"),
     (["--method", "dora"], "method: 'dora'"),
     (["--select", "top:0.3"], "needs exactly one --ranking"),
+    (["--train-other"], "train_other: applies to method full only, not 'lora'"),
 ])
 def test_train_bad_input(args, needle, model_dirs, data_file, tmp_path, capsys):
     from ila.cli import main

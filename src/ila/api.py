@@ -59,7 +59,7 @@ def identify(
 
 
 TRAIN_OPTIONS = ("model", "data", "method", "select", "rankings", "transfer", "seed", "select_seed", "max_steps",
-                 "max_examples", "max_length", "learning_rate", "batch_size")
+                 "max_examples", "max_length", "learning_rate", "batch_size", "train_other", "data_seed")
 
 
 def train(out: str | Path, *, config: TrainConfig | str | Path | None = None, resume: bool = False,
@@ -67,7 +67,8 @@ def train(out: str | Path, *, config: TrainConfig | str | Path | None = None, re
     """Fine-tune the selected layers (`ila train`); writes the run folder `out` and returns a `TrainRun`.
 
     `options` are the CLI's options by their Python names (`model`, `data`, `method`, `select`, `rankings`,
-    `transfer`, `seed`, `select_seed`, `max_steps`, `max_examples`, `max_length`, `learning_rate`, `batch_size`).
+    `transfer`, `seed`, `select_seed`, `max_steps`, `max_examples`, `max_length`, `learning_rate`, `batch_size`,
+    `train_other`, `data_seed`).
     """
     from ila.training.finetune import run_train
 

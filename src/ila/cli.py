@@ -79,9 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of data order, initialisation and dropout (and of random:F "
                    "unless --select-seed)")
     p.add_argument("--select-seed", type=int, help="seed of the random:F draw (RL 1 / RL 2 at one training seed)")
+    p.add_argument("--data-seed", type=int, help="seed of the example sample and the train/held-out split "
+                   "(default --seed); fix it to compare training seeds on one held-out set")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--learning-rate", type=float, help="default 2e-4 for adapters, 1e-5 for full fine-tuning")
     p.add_argument("--batch-size", type=int, help="per-device batch size")
+    p.add_argument("--train-other", action=argparse.BooleanOptionalAction,
+                   help="full only: also train embeddings, norms and the LM head (default: yes, except with "
+                   "--select top:F or names:REGEX, which train only the layers they name)")
     p.add_argument("--max-examples", type=int, help="cap on the examples read from --data")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")

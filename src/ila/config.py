@@ -148,6 +148,7 @@ class TrainConfig:
     transfer: bool = False  # map rankings from another architecture by relative depth and role
     seed: int = 0
     select_seed: int | None = None  # seed of random:F draws (None: `seed`), e.g. RL 1 / RL 2 at one training seed
+    data_seed: int | None = None  # seed of the example sample and train/held-out split (None: `seed`)
     max_length: int = 512
     max_examples: int | None = None
     heldout_fraction: float = 0.05
@@ -161,6 +162,10 @@ class TrainConfig:
     save_steps: int = 50
     dtype: str = "float32"  # float32 | bfloat16 (autocast; QLoRA compute dtype)
     report_to: str = "none"
+    # full only: also train what lies outside the blocks' linear layers (embeddings, norms, LM head).
+    # None: yes when select freezes layers (all, freeze-bottom, random, first, last, intersect), no when it
+    # names the layers to train (top, names): "top:0.3" then trains those 30 % and nothing else
+    train_other: bool | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
     adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
 
@@ -174,6 +179,12 @@ class TrainConfig:
             _positive("learning_rate", self.learning_rate)
         if self.max_examples is not None:
             _positive("max_examples", self.max_examples)
+        for name in ("select_seed", "data_seed"):
+            if getattr(self, name) is not None:
+                _seed(getattr(self, name), name)
+        if self.train_other is not None and self.method != "full":
+            raise IlaError(f"train_other: applies to method full only, not {self.method!r} (adapters train only "
+                           "the selected layers)")
         _non_negative("weight_decay", self.weight_decay)
         _fraction("warmup_ratio", self.warmup_ratio, allow_zero=True)
         if not 0 <= self.heldout_fraction < 1:
@@ -196,9 +207,9 @@ class TrainConfig:
         return self
 
 
-def _seed(value: int) -> None:
+def _seed(value: int, name: str = "seed") -> None:
     if not 0 <= value < 2**32:
-        raise IlaError(f"seed: {value!r} is not in [0, 2**32)")
+        raise IlaError(f"{name}: {value!r} is not in [0, 2**32)")
 
 
 def _regexes(name: str, patterns: list[str] | None) -> None:

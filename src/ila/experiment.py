@@ -19,7 +19,8 @@ Each cell is an `ila train` run in `OUT/cells/<model>/<data>/<method>/<selection
     train: {max_steps: 40}                # TrainConfig keys shared by every cell
     eval: {mc: [hhh_alignment], exact: [], limit: 50}   # optional: `ila eval` of every cell -> more columns
 
-Evaluation results go to each cell's `eval.json`; a cell trained earlier is evaluated on re-run if it has none.
+Evaluation results go to each cell's `eval.json`; a cell is (re-)evaluated on re-run when it has none or when
+the eval section's tasks, limit or seed changed since.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def _slug(value: Any) -> str:
 
 def run_experiment(config_path: str | Path, out: str | Path) -> Path:
     """Run every unfinished cell of the grid, then write `OUT/<name>.md` and `.csv`; returns the Markdown path."""
-    from ila.evaluation.job import run_eval
+    from ila.evaluation.job import eval_settings, run_eval
     from ila.importance.ila import run_identify
     from ila.training.finetune import run_train
 
@@ -190,12 +191,19 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
                         if not (cell / "run.json").exists():
                             print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}")
                             run_train(config, cell, resume=(cell / "checkpoints").is_dir() and method != "adalora")
-                        if grid.eval and not (cell / "eval.json").exists():
+                        mc, exact, limit = grid.eval.get("mc"), grid.eval.get("exact"), grid.eval.get("limit", 50)
+                        if grid.eval and _saved_eval_settings(cell) != eval_settings(mc, exact, limit, seed):
                             print(f"[{grid.name}] eval {cell}")
-                            run_eval(run=cell, heldout=False, mc=grid.eval.get("mc"), exact=grid.eval.get("exact"),
-                                     limit=grid.eval.get("limit", 50), seed=seed, out=cell / "eval.json")
+                            run_eval(run=cell, heldout=False, mc=mc, exact=exact, limit=limit, seed=seed,
+                                     out=cell / "eval.json")
                         rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
     return write_table(grid.name, rows, out)
+
+
+def _saved_eval_settings(cell: Path) -> dict | None:
+    """The settings a cell's eval.json was made with (None: no eval.json, or one from before settings were kept)."""
+    path = cell / "eval.json"
+    return json.loads(path.read_text()).get("settings") if path.exists() else None
 
 
 def _check_cell(cell: Path, config: TrainConfig) -> None:

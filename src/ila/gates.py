@@ -3,7 +3,9 @@
     θᵢ = θ₀ᵢ + σ(sᵢ) · ΔWᵢ
 
 One mechanism serves every update kind:
-- a PEFT LoRA layer (ΔW = β·B·A, Eq. 4): the gate multiplies the output of `lora_B`, i.e. the LoRA branch;
+- a PEFT LoRA layer (ΔW = β·B·A, Eq. 4): the gate multiplies the input of `lora_B` (σ·B(Ax) = B(σ·Ax), so
+  the product is taken on the rank-r activation instead of the layer's output width), or its output when
+  `lora_B` has a bias;
 - a fully fine-tuned layer (ΔW = θ_t − θ₀, Obs. 2): the layer is affine in its parameters, so
   f(x; θ₀ + g·ΔW) = f(x; θ₀) + g·(f(x; θ_t) − f(x; θ₀)), computed from a kept copy of θ₀.
 
@@ -45,6 +47,10 @@ class LayerGates(nn.Module):
         """σ(s), or the fixed values set by `fixed(...)`."""
         return self._override if self._override is not None else torch.sigmoid(self.scores)
 
+    def gate(self, index: int) -> torch.Tensor:
+        """σ(s_index) alone (what each hook needs), or its fixed value."""
+        return self._override[index] if self._override is not None else torch.sigmoid(self.scores[index])
+
     @contextmanager
     def fixed(self, values: float | torch.Tensor) -> Iterator[None]:
         """Temporarily replace σ(s) by fixed gate values (a scalar or one value per layer)."""
@@ -68,7 +74,11 @@ class LayerGates(nn.Module):
                 raise IlaError(f"layer {layer.name}: has no LoRA adapter {adapter_name!r} to gate")
             if getattr(module, "merged", False):
                 raise IlaError(f"layer {layer.name}: LoRA weights are merged; unmerge before gating")
-            self._handles.append(lora_b[adapter_name].register_forward_hook(self._scale_hook(index)))
+            b = lora_b[adapter_name]
+            if getattr(b, "bias", None) is None:
+                self._handles.append(b.register_forward_pre_hook(self._scale_input_hook(index)))
+            else:
+                self._handles.append(b.register_forward_hook(self._scale_hook(index)))
         return self
 
     def attach_full(self, model: nn.Module, initial: Mapping[str, Mapping[str, torch.Tensor]]) -> LayerGates:
@@ -92,9 +102,15 @@ class LayerGates(nn.Module):
 
     # -- hooks -----------------------------------------------------------------------------------------------
 
+    def _scale_input_hook(self, index: int):
+        def hook(_module: nn.Module, inputs: tuple) -> tuple:
+            return (inputs[0] * self.gate(index).to(inputs[0].dtype), *inputs[1:])
+
+        return hook
+
     def _scale_hook(self, index: int):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output * self.gates()[index].to(output.dtype)
+            return output * self.gate(index).to(output.dtype)
 
         return hook
 
@@ -110,7 +126,7 @@ class LayerGates(nn.Module):
                 base_output = functional_call(module, initial, inputs)
             finally:
                 self._computing_base = False
-            gate = self.gates()[index].to(output.dtype)
+            gate = self.gate(index).to(output.dtype)
             return base_output + gate * (output - base_output)
 
         return hook

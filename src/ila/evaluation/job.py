@@ -61,6 +61,11 @@ def load_for_eval(model: str | None, adapter: str | Path | None, run: str | Path
     return model_obj, tokenizer, source, info
 
 
+def eval_settings(mc: list[str] | None, exact: list[str] | None, limit: int | None, seed: int) -> dict[str, Any]:
+    """The tasks, example limit and sampling seed behind a result's MC / exact-match scores."""
+    return {"mc": list(mc or []), "exact": list(exact or []), "limit": limit, "seed": seed}
+
+
 def run_eval(
     *,
     model: str | None = None,
@@ -79,7 +84,8 @@ def run_eval(
     questions: str | Path | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate and return {"source", "heldout", "multiple_choice", "exact_match", "judge"}; write `out` if given.
+    """Evaluate and return {"source", "settings", "heldout", "multiple_choice", "exact_match", "judge"}; write `out`
+    if given. `settings` records what the MC / exact-match scores depend on (see `eval_settings`).
 
     `heldout=False` skips the held-out loss (e.g. when the run already recorded it).
     """
@@ -95,12 +101,13 @@ def run_eval(
         raise IlaError("--judge-endpoint needs --judge-model and --questions")
     questions_list = _read_questions(Path(questions)) if questions else []
     model_obj, tokenizer, source, info = load_for_eval(model, adapter, run)
-    results: dict[str, Any] = {"source": source}
+    results: dict[str, Any] = {"source": source, "settings": eval_settings(mc, exact, limit, seed)}
 
     config = info.get("config", {}) if info else {}
     if heldout and (data is not None or run is not None):
         spec = data if data is not None else config.get("data")
-        run_seed = seed if data is not None else config.get("seed", seed)
+        run_seed = seed if data is not None else (config.get("data_seed") if config.get("data_seed") is not None
+                                                  else config.get("seed", seed))
         examples = load_examples(spec, max_examples=max_examples if data is not None else config.get("max_examples"),
                                  seed=run_seed)
         dataset = build_dataset(examples, tokenizer, max_length=max_length if data is not None

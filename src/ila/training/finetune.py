@@ -8,7 +8,9 @@ data → model → selection (ila.selection) → method → HF Trainer → run f
     DIR/checkpoints/       Trainer checkpoints (resume with --resume)
 
 "Frozen" means: no adapter on that layer (adapter methods), or `requires_grad=False` on its weight and bias
-(full fine-tuning), so neither gradients nor optimizer state are ever allocated for it.
+(full fine-tuning), so neither gradients nor optimizer state are ever allocated for it. Full fine-tuning of a
+selection that names what trains (`top`, `names`) also freezes embeddings, norms and the LM head; see
+`train_other_params`.
 Defaults follow seeds/000 App. B: AdamW β = (0.9, 0.99), weight decay 0.1, cosine, warmup 0.01, LoRA r = 32,
 dropout 0.1.
 """
@@ -90,13 +92,12 @@ def apply_method(model: nn.Module, selection: Selection, config: TrainConfig) ->
     """Make exactly the selected linear layers trainable with `config.method`; returns the model to train."""
     names = [x.name for x in selection.trained]
     if config.method == "full":
-        frozen = {x.name for x in discover_layers(model)} - set(names)
         base = base_model_of(model)
         for p in base.parameters():
-            p.requires_grad_(True)
-        for name in frozen:
+            p.requires_grad_(train_other_params(config))
+        for name in {x.name for x in discover_layers(model)}:
             for p in base.get_submodule(name).parameters():
-                p.requires_grad_(False)
+                p.requires_grad_(name in names)
         return model
     from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -113,6 +114,23 @@ def apply_method(model: nn.Module, selection: Selection, config: TrainConfig) ->
         peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                                  target_modules=names, task_type="CAUSAL_LM")
     return get_peft_model(model, peft_config)
+
+
+TRAIN_ONLY = ("top", "names")  # strategies that name what trains; the others name what is frozen
+
+
+def train_other_params(config: TrainConfig) -> bool:
+    """Whether full fine-tuning also trains embeddings, norms and the LM head.
+
+    `train_other` decides when set. By default they train when the selection freezes some layers (`all`,
+    `freeze-bottom`, `random`, `first`, `last`, `intersect`: the rest of the model trains as usual) and stay
+    frozen when it names the layers to train (`top`, `names`: only those train, as in Table 11's top 30 %).
+    """
+    if config.method != "full":
+        return False
+    if config.train_other is not None:
+        return config.train_other
+    return config.select.split(":", 1)[0] not in TRAIN_ONLY
 
 
 def trained_layer_names(model: nn.Module, layers: list[LayerId]) -> set[str]:
@@ -139,13 +157,14 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     quant = quantization_config(dtype) if config.method == "qlora" else None
     started = time.perf_counter()
     set_seed(config.seed)
-    examples = load_examples(config.data, max_examples=config.max_examples, seed=config.seed)
+    data_seed = config.seed if config.data_seed is None else config.data_seed
+    examples = load_examples(config.data, max_examples=config.max_examples, seed=data_seed)
     model, tokenizer = load_model(config.model, quantization_config=quant)
     layers = discover_layers(model)
     seed = config.seed if config.select_seed is None else config.select_seed
     selection = select_layers(config.select, layers, rankings, seed=seed, transfer=config.transfer)
     dataset = build_dataset(examples, tokenizer, max_length=config.max_length)
-    train, heldout = split_train_heldout(dataset, heldout_fraction=config.heldout_fraction, seed=config.seed)
+    train, heldout = split_train_heldout(dataset, heldout_fraction=config.heldout_fraction, seed=data_seed)
 
     set_seed(config.seed)
     model = apply_method(model, selection, config)
@@ -184,9 +203,10 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
         model.save_pretrained(out / "adapter")
     summary = {
         **cost.summary(model, trainer.state.num_input_tokens_seen),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": CostCallback.parameter_count(model),
         "trained_layers": len(selection.trained),
         "trained_layer_fraction": selection.fraction,
+        "other_params_trained": train_other_params(config),
         "total_s": time.perf_counter() - started,
     }
     write_json_atomic(out / "run.json", {
