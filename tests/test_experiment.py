@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from ila.config import TrainConfig, load_config, to_dict
 from ila.errors import IlaError
 from ila.experiment import load_grid, run_experiment
 
@@ -39,6 +40,8 @@ def test_grid_runs_writes_the_table_and_skips_finished_cells(model_dirs, data_fi
     assert all(r["seeds"] == "2" and float(r["heldout_loss_mean"]) > 0 for r in rows)
     text = table.read_text()
     assert "| w/ ILA |" in text and "±" in text
+    for c in cells:  # each cell ran `ila train --config cell.yaml` in its own process
+        assert to_dict(load_config(c.parent / "cell.yaml", {}, TrainConfig)) == json.loads(c.read_text())["config"]
     ila_cell = next(c for c in cells if "w_ILA" in str(c))
     assert json.loads(ila_cell.read_text())["cost"]["trained_layers"] == 14 - 4  # ⌈0.25·14⌉ frozen
     stamps = {c: c.stat().st_mtime_ns for c in cells}

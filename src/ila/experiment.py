@@ -1,7 +1,8 @@
 """`ila experiment`: a YAML grid of fine-tunes (models × data × methods × selections × seeds) and its table.
 
-Each cell is an `ila train` run in `OUT/cells/<model>/<data>/<method>/<selection>/seed<k>/`; a cell whose
-`run.json` exists is skipped on re-run. Rankings the selections need come from a given file or from
+Each cell is an `ila train` run in `OUT/cells/<model>/<data>/<method>/<selection>/seed<k>/`, in a process of
+its own (so its cost figures are its own) from the `cell.yaml` written there; a cell whose `run.json` exists is
+skipped on re-run. Rankings the selections need come from a given file or from
 `ila identify`, run once per (model, data) into `OUT/rankings/`. The table (Markdown + CSV) has one row per
 (model, data, method, selection) and mean ± std over seeds of each metric, in the layout of seeds/000 Tables 5–8.
 
@@ -31,9 +32,13 @@ import json
 import math
 import re
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ila.config import (
     IdentifyConfig,
@@ -170,7 +175,6 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
     """Run every unfinished cell of the grid, then write `OUT/<name>.md` and `.csv`; returns the Markdown path."""
     from ila.evaluation.job import eval_settings, run_eval
     from ila.importance.ila import run_identify
-    from ila.training.finetune import run_train
 
     grid = load_grid(config_path)
     out = Path(out)
@@ -190,7 +194,7 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
                         _check_cell(cell, config)
                         if not (cell / "run.json").exists():
                             print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}")
-                            run_train(config, cell, resume=(cell / "checkpoints").is_dir() and method != "adalora")
+                            _train_cell(config, cell, resume=(cell / "checkpoints").is_dir() and method != "adalora")
                         mc, exact, limit = grid.eval.get("mc"), grid.eval.get("exact"), grid.eval.get("limit", 50)
                         if grid.eval and _saved_eval_settings(cell) != eval_settings(mc, exact, limit, seed):
                             print(f"[{grid.name}] eval {cell}")
@@ -198,6 +202,21 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
                                      out=cell / "eval.json")
                         rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
     return write_table(grid.name, rows, out)
+
+
+def _train_cell(config: TrainConfig, cell: Path, *, resume: bool) -> None:
+    """`ila train` of one cell in a fresh interpreter, from `cell/cell.yaml` (which also documents the cell).
+
+    A process per cell keeps each cell's peak memory and step times its own: in one long process, memory
+    freed by earlier cells stays in the allocator and in the resident set (CPU), and earlier cells' models
+    and compiled kernels would sit beside the next one.
+    """
+    cell.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cell / "cell.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    command = [sys.executable, "-m", "ila.cli", "train", "--config", str(cell / "cell.yaml"), "--out", str(cell)]
+    code = subprocess.run([*command, "--resume"] if resume else command).returncode
+    if code != 0:
+        raise IlaError(f"cell {cell}: ila train exited with code {code} (its error is printed above)")
 
 
 def _saved_eval_settings(cell: Path) -> dict | None:
