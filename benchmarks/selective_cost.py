@@ -4,7 +4,7 @@ Pairs, each measured side by side in every repeat: LoRA-all vs LoRA-top-30 %, fu
 QLoRA vs QLoRA-top-30 %. Every configuration runs in a fresh process (peak memory is a per-process figure:
 CUDA max allocated on GPU, sampled peak RSS on CPU, both including the model's weights), through
 `ila.training.finetune` (`apply_method` + the HF Trainer) on the same batches; the first step is a warm-up.
-On CPU the RSS also holds the runtime (Python, torch, transformers: ~0.6 GB before any model is loaded), which
+On CPU the RSS also holds the runtime (Python, torch, transformers: ~0.5 GB before any model is loaded), which
 CUDA's allocator figure never includes; the CPU memory ratio is therefore printed twice, as measured and with
 that runtime baseline (RSS after the imports, before the model) subtracted from both sides.
 

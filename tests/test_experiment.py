@@ -106,3 +106,36 @@ def test_duplicate_labels_and_default_fraction(model_dirs, data_file, tmp_path):
     from ila.experiment import _needs_ranking
 
     assert all(_needs_ranking(s) == (s.label == "w/ ILA") for s in load_grid(config).selections)
+
+
+def test_grid_wide_train_other_applies_to_its_full_cells(model_dirs, data_file, tmp_path):
+    from ila.experiment import _train_config
+
+    config = grid_file(tmp_path, model_dirs("llama"), data_file)
+    config.write_text(config.read_text().replace("methods: [lora]", "methods: [lora, full]")
+                      .replace("lora: {r: 2}", "lora: {r: 2}, train_other: false"))
+    grid = load_grid(config)  # validated per cell: the lora cells do not see train_other
+    sel = grid.selections[0]
+    assert _train_config(grid, None, None, "lora", sel, 0, []).train_other is None
+    assert _train_config(grid, None, None, "full", sel, 0, []).train_other is False
+
+
+def test_a_failing_cell_stops_the_grid_with_its_name(model_dirs, data_file, tmp_path, capfd):
+    config = grid_file(tmp_path, model_dirs("llama"), data_file)
+    config.write_text(config.read_text().replace("seeds: [0, 1]", "seeds: [0]")
+                      .replace('- {label: "all", select: all}', '- {label: "none", select: "names:no_such_layer"}'))
+    with pytest.raises(IlaError, match=r"cell .*none.*: ila train exited with code 2"):
+        run_experiment(config, tmp_path / "out")
+    assert "selects no layer to train" in capfd.readouterr().err  # the cell's own one-line error
+
+
+def test_an_interrupted_cell_resumes_only_with_its_configuration(model_dirs, data_file, tmp_path):
+    config = grid_file(tmp_path, model_dirs("llama"), data_file)
+    cell = tmp_path / "out" / "cells" / "x"
+    from ila.experiment import _train_cell, _train_config
+
+    grid = load_grid(config)
+    (cell / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (cell / "cell.yaml").write_text("max_steps: 99\n")  # what the interrupted attempt ran with
+    with pytest.raises(IlaError, match="started with another configuration"):
+        _train_cell(_train_config(grid, None, None, "lora", grid.selections[0], 0, []), cell)

@@ -5,6 +5,7 @@ import torch
 from conftest import ARCHITECTURES, make_model
 from peft import LoraConfig, get_peft_model
 
+from ila.errors import IlaError
 from ila.gates import LayerGates
 from ila.layers import discover_layers
 from ila.training import response_loss
@@ -64,6 +65,8 @@ def test_lora_gate_is_linear_in_the_update(lora_bias):
         with model.disable_adapter():
             base = q_proj(x)
     off, part, on = outputs[0.0], outputs[0.3], outputs[1.0]
+    lora_b = q_proj.lora_B["default"]  # without a bias the product is taken on lora_B's rank-r input
+    assert (len(lora_b._forward_pre_hooks), len(lora_b._forward_hooks)) == ((0, 1) if lora_bias else (1, 0))
     torch.testing.assert_close(off, base)
     assert not torch.allclose(on, base, atol=1e-4)
     torch.testing.assert_close(part, off + 0.3 * (on - off))
@@ -112,3 +115,11 @@ def test_only_scores_receive_gradients(arch):
     assert gates.scores.grad is not None
     assert torch.count_nonzero(gates.scores.grad) == len(layers)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_lora_variants_are_refused():
+    model = make_model("llama")
+    layers = discover_layers(model)
+    dora = get_peft_model(model, LoraConfig(r=4, target_modules=[x.name for x in layers], use_dora=True))
+    with pytest.raises(IlaError, match="LoRA variant .* cannot be gated"):
+        LayerGates(layers).attach_lora(dora)

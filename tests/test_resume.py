@@ -39,10 +39,10 @@ def _fake_half_written_checkpoint(checkpoints: Path, step: int) -> None:
 
 def test_last_complete_checkpoint_skips_half_written_ones(tmp_path):
     assert last_complete_checkpoint(tmp_path / "missing") is None
-    for step, complete in [(5, True), (10, True), (15, False), (9, True)]:
+    for step, state in [(5, "{}"), (10, '{"global_step": 10}'), (15, None), (20, ""), (9, "{}")]:
         (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if state is not None:  # 20: killed while the Trainer was writing trainer_state.json
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-x").mkdir()
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # by step number, not name order
 

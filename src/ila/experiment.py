@@ -31,6 +31,7 @@ import io
 import json
 import math
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,6 @@ from ila.config import (
     load_config,
     read_yaml_mapping,
     to_dict,
-    with_overrides,
 )
 from ila.errors import IlaError
 from ila.io import write_json_atomic, write_text_atomic
@@ -159,12 +159,15 @@ def load_grid(path: str | Path) -> Grid:
 
 def _train_config(grid: Grid, model, data, method, sel: Selection, seed: int, rankings: list[str],
                   *, where: str = "experiment") -> TrainConfig:
-    try:
-        config = load_config(None, flatten(grid.train), TrainConfig)
+    shared = flatten(grid.train)
+    if method != "full":  # a grid-wide train_other concerns its full fine-tuning cells only
+        shared.pop("train_other", None)
+    cell = {"model": model, "data": data, "method": method, "select": sel.select, "seed": seed,
+            "select_seed": sel.select_seed, "rankings": rankings}
+    try:  # validated once, with the cell's own method and selection in place
+        return load_config(None, {**shared, **cell}, TrainConfig)
     except IlaError as exc:
         raise IlaError(f"{where}: train: {exc}") from None
-    return with_overrides(config, {"model": model, "data": data, "method": method, "select": sel.select,
-                                   "seed": seed, "select_seed": sel.select_seed, "rankings": rankings})
 
 
 def _slug(value: Any) -> str:
@@ -193,30 +196,53 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
                         config = _train_config(grid, model, data, method, sel, seed, needs)
                         _check_cell(cell, config)
                         if not (cell / "run.json").exists():
-                            print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}")
-                            _train_cell(config, cell, resume=(cell / "checkpoints").is_dir() and method != "adalora")
+                            print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}", flush=True)
+                            _train_cell(config, cell)
                         mc, exact, limit = grid.eval.get("mc"), grid.eval.get("exact"), grid.eval.get("limit", 50)
                         if grid.eval and _saved_eval_settings(cell) != eval_settings(mc, exact, limit, seed):
-                            print(f"[{grid.name}] eval {cell}")
+                            print(f"[{grid.name}] eval {cell}", flush=True)
                             run_eval(run=cell, heldout=False, mc=mc, exact=exact, limit=limit, seed=seed,
                                      out=cell / "eval.json")
+                            _release_memory()
                         rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
     return write_table(grid.name, rows, out)
 
 
-def _train_cell(config: TrainConfig, cell: Path, *, resume: bool) -> None:
+def _train_cell(config: TrainConfig, cell: Path) -> None:
     """`ila train` of one cell in a fresh interpreter, from `cell/cell.yaml` (which also documents the cell).
 
     A process per cell keeps each cell's peak memory and step times its own: in one long process, memory
     freed by earlier cells stays in the allocator and in the resident set (CPU), and earlier cells' models
-    and compiled kernels would sit beside the next one.
+    and compiled kernels would sit beside the next one. An interrupted cell resumes from its checkpoints if
+    its configuration is unchanged (AdaLoRA, which cannot resume, starts over).
     """
+    spec = yaml.safe_dump(to_dict(config), sort_keys=False)
+    resume = any((cell / "checkpoints").glob("checkpoint-*"))
+    if resume and (cell / "cell.yaml").exists() and (cell / "cell.yaml").read_text() != spec:
+        raise IlaError(f"cell {cell}: its interrupted run was started with another configuration (cell.yaml); "
+                       "remove the cell folder or use another --out")
+    if resume and config.method == "adalora":
+        shutil.rmtree(cell / "checkpoints")
+        resume = False
     cell.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cell / "cell.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text_atomic(cell / "cell.yaml", spec)
     command = [sys.executable, "-m", "ila.cli", "train", "--config", str(cell / "cell.yaml"), "--out", str(cell)]
     code = subprocess.run([*command, "--resume"] if resume else command).returncode
+    if code < 0:
+        raise IlaError(f"cell {cell}: ila train was killed by signal {-code}")
     if code != 0:
         raise IlaError(f"cell {cell}: ila train exited with code {code} (its error is printed above)")
+
+
+def _release_memory() -> None:
+    """Free what identify/eval held in this process before the next cell's process needs the device."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _saved_eval_settings(cell: Path) -> dict | None:
@@ -229,12 +255,18 @@ def _check_cell(cell: Path, config: TrainConfig) -> None:
     """A finished cell is reused only if it was made with the same configuration."""
     if not (cell / "run.json").exists():
         return
-    saved = json.loads((cell / "run.json").read_text()).get("config", {})
-    wanted = to_dict(config)
+    from ila.training.finetune import train_other_params
+
+    run = json.loads((cell / "run.json").read_text())
+    saved, wanted = run.get("config", {}), to_dict(config)
     changed = sorted(k for k in wanted if k != "rankings" and saved.get(k) != wanted[k])
     if changed:
         raise IlaError(f"experiment cell {cell}: was run with another {changed[0]} ({saved.get(changed[0])!r}, now "
                        f"{wanted[changed[0]]!r}); remove the cell or use another --out")
+    # full fine-tuning runs from before `other_params_trained` was recorded trained embeddings and norms always
+    if config.method == "full" and run["cost"].get("other_params_trained", True) != train_other_params(config):
+        raise IlaError(f"experiment cell {cell}: trained embeddings and norms differently than this grid asks "
+                       "(train_other); remove the cell or use another --out")
 
 
 def _needs_ranking(sel: Selection) -> bool:
@@ -244,9 +276,10 @@ def _needs_ranking(sel: Selection) -> bool:
 def _identify(grid: Grid, model, data, out: Path, run_identify) -> Path:
     folder = out / "rankings" / _slug(model) / _slug(data)
     if not (folder / "ranking.json").exists():
-        print(f"[{grid.name}] identify: {model} · {data}")
+        print(f"[{grid.name}] identify: {model} · {data}", flush=True)
         config = load_config(None, flatten(grid.identify) | {"model": model, "data": data}, IdentifyConfig)
         run_identify(config, folder, resume=(folder / "checkpoints").is_dir())
+        _release_memory()
     return folder / "ranking.json"
 
 

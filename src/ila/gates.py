@@ -9,9 +9,9 @@ One mechanism serves every update kind:
 - a fully fine-tuned layer (ΔW = θ_t − θ₀, Obs. 2): the layer is affine in its parameters, so
   f(x; θ₀ + g·ΔW) = f(x; θ₀) + g·(f(x; θ_t) − f(x; θ₀)), computed from a kept copy of θ₀.
 
-PEFT has no public differentiable per-module scale, so the gate is a forward hook (PEFT's own `scaling`
-is applied after `lora_B`, so the hook composes with it exactly). A merged LoRA layer would skip the hook:
-`attach` refuses merged layers.
+PEFT has no public differentiable per-module scale, so the gate is a hook on `lora_B` (a forward pre-hook, or
+a forward hook when it has a bias; PEFT's own `scaling` is applied after `lora_B`, so it composes exactly).
+A merged LoRA layer would skip the hook and a LoRA variant (DoRA) changes what ΔW is: `attach_lora` refuses both.
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ class LayerGates(nn.Module):
                 raise IlaError(f"layer {layer.name}: has no LoRA adapter {adapter_name!r} to gate")
             if getattr(module, "merged", False):
                 raise IlaError(f"layer {layer.name}: LoRA weights are merged; unmerge before gating")
+            variant = getattr(module, "lora_variant", {}).get(adapter_name)
+            if variant is not None:  # e.g. DoRA rescales W + ΔW as a whole: the update is no longer β·B·A
+                raise IlaError(f"layer {layer.name}: LoRA variant {type(variant).__name__} cannot be gated (the gate "
+                               "assumes ΔW = β·B·A)")
             b = lora_b[adapter_name]
             if getattr(b, "bias", None) is None:
                 self._handles.append(b.register_forward_pre_hook(self._scale_input_hook(index)))

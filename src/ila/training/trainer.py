@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,16 @@ def training_arguments(
 
 
 def last_complete_checkpoint(work_dir: Path) -> str | None:
-    """The newest `checkpoint-N` whose `trainer_state.json` was written (the Trainer writes it last)."""
+    """The newest `checkpoint-N` whose `trainer_state.json` was written and parses (the Trainer writes it last,
+    not atomically)."""
     if not work_dir.is_dir():
         return None
-    done = [p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            and (p / "trainer_state.json").is_file()]
+    done = [p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        return isinstance(json.loads((checkpoint / "trainer_state.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
