@@ -139,3 +139,19 @@ def test_an_interrupted_cell_resumes_only_with_its_configuration(model_dirs, dat
     (cell / "cell.yaml").write_text("max_steps: 99\n")  # what the interrupted attempt ran with
     with pytest.raises(IlaError, match="started with another configuration"):
         _train_cell(_train_config(grid, None, None, "lora", grid.selections[0], 0, []), cell)
+
+
+@pytest.mark.parametrize("name", ["table6_smollm2", "table8_smollm2", "table11_smollm2"])
+def test_shipped_grids_load(name):
+    from pathlib import Path
+
+    grid = load_grid(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    assert grid.name == name and grid.selections
+
+
+def test_shipped_identify_config_loads():
+    from pathlib import Path
+
+    from ila.config import IdentifyConfig
+
+    assert load_config(Path(__file__).parent.parent / "configs" / "identify.yaml", {}, IdentifyConfig)
