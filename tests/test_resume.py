@@ -47,6 +47,20 @@ def test_last_complete_checkpoint_skips_half_written_ones(tmp_path):
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # by step number, not name order
 
 
+def _interrupt_and_resume(args: list[str], out: Path, steps: int, marker: str) -> tuple[int, dict]:
+    """Kill the run at its first complete checkpoint, leave a half-written newer one, resume with --resume.
+
+    Returns the step the kill left it at and the finished run's `marker` JSON."""
+    killed_at = _kill_at_first_complete_checkpoint(args, out)
+    assert 0 < killed_at < steps
+    assert not (out / marker).exists()
+    _fake_half_written_checkpoint(out / "checkpoints", killed_at)
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return killed_at, json.loads((out / marker).read_text())
+
+
 def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
@@ -54,14 +68,8 @@ def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path)
                    "stage2: {steps: 2}\n")
     args = [sys.executable, "-m", "ila.cli", "identify", "--model", str(model_dirs("llama")), "--data",
             str(data_file), "--out", str(out), "--config", str(cfg), "--max-steps", "400"]
-    killed_at = _kill_at_first_complete_checkpoint(args, out)
-    assert 0 < killed_at < 400
-    assert not (out / "ranking.json").exists()
-    _fake_half_written_checkpoint(out / "checkpoints", killed_at)
-
-    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    meta = json.loads((out / "ranking.json").read_text())["metadata"]
+    killed_at, ranking = _interrupt_and_resume(args, out, 400, "ranking.json")
+    meta = ranking["metadata"]
     assert meta["stage1_steps"] == 400
     assert meta["stage1_cost"]["steps"] == 400 - killed_at  # only the remaining steps ran in the second process
     # the probe history spans the whole run: the checks before the kill were replayed from the checkpoint
@@ -75,13 +83,6 @@ def test_killed_train_resumes_from_its_checkpoint(model_dirs, data_file, tmp_pat
     cfg.write_text("save_steps: 5\n")
     args = [sys.executable, "-m", "ila.cli", "train", "--model", str(model_dirs("llama")), "--data", str(data_file),
             "--out", str(out), "--max-steps", "150", "--max-length", "32", "--method", "full", "--config", str(cfg)]
-    killed_at = _kill_at_first_complete_checkpoint(args, out)
-    assert 0 < killed_at < 150
-    assert not (out / "run.json").exists()
-    _fake_half_written_checkpoint(out / "checkpoints", killed_at)
-
-    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    run = json.loads((out / "run.json").read_text())
+    killed_at, run = _interrupt_and_resume(args, out, 150, "run.json")
     assert run["steps"] == 150
     assert run["cost"]["steps"] == 150 - killed_at  # only the remaining steps ran after the resume

@@ -181,13 +181,11 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
 
     grid = load_grid(config_path)
     out = Path(out)
+    mc, exact, limit = grid.eval.get("mc"), grid.eval.get("exact"), grid.eval.get("limit", 50)
     rows: dict[tuple, list[dict]] = {}
     for model in grid.models:
         for data in grid.data:
-            rankings: list[str] = []
-            if any(_needs_ranking(s) for s in grid.selections):
-                rankings = ([str(r) for r in grid.ranking] if isinstance(grid.ranking, list) else [str(grid.ranking)]
-                            if grid.ranking else [str(_identify(grid, model, data, out, run_identify))])
+            rankings = _grid_rankings(grid, model, data, out, run_identify)
             for method in grid.methods:
                 for sel in grid.selections:
                     for seed in grid.seeds:
@@ -198,7 +196,6 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
                         if not (cell / "run.json").exists():
                             print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}", flush=True)
                             _train_cell(config, cell)
-                        mc, exact, limit = grid.eval.get("mc"), grid.eval.get("exact"), grid.eval.get("limit", 50)
                         if grid.eval and _saved_eval_settings(cell) != eval_settings(mc, exact, limit, seed):
                             print(f"[{grid.name}] eval {cell}", flush=True)
                             run_eval(run=cell, heldout=False, mc=mc, exact=exact, limit=limit, seed=seed,
@@ -206,6 +203,17 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
                             _release_memory()
                         rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
     return write_table(grid.name, rows, out)
+
+
+def _grid_rankings(grid: Grid, model, data, out: Path, run_identify) -> list[str]:
+    """The ranking files the grid's selections use for (model, data): given ones, or one identify run."""
+    if not any(_needs_ranking(s) for s in grid.selections):
+        return []
+    if isinstance(grid.ranking, list):
+        return [str(r) for r in grid.ranking]
+    if grid.ranking:
+        return [str(grid.ranking)]
+    return [str(_identify(grid, model, data, out, run_identify))]
 
 
 def _train_cell(config: TrainConfig, cell: Path) -> None:

@@ -43,6 +43,12 @@ class _RssSampler:
         return self.peak
 
 
+def parameter_count(model: torch.nn.Module) -> int:
+    """All parameters, 4-bit ones (bitsandbytes `Params4bit`) counted at their unpacked shape, not as storage."""
+    return sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
+               for p in model.parameters())
+
+
 class CostCallback(TrainerCallback):
     """Records each optimizer step's wall time (ms), peak memory (bytes) and tokens seen."""
 
@@ -82,12 +88,6 @@ class CostCallback(TrainerCallback):
         """Tokens processed per second of measured step time; `tokens_seen` is the Trainer's running total."""
         seconds = sum(self.step_ms) / 1000
         return float(tokens_seen - self._tokens_at_start) / seconds if seconds > 0 else 0.0
-
-    @staticmethod
-    def parameter_count(model: torch.nn.Module) -> int:
-        """All parameters, 4-bit ones (bitsandbytes `Params4bit`) counted at their unpacked shape, not as storage."""
-        return sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
-                   for p in model.parameters())
 
     def summary(self, model: torch.nn.Module | None = None, tokens: int | float | None = None) -> dict[str, float]:
         """Median step time and peak memory; trainable parameters and tokens/s when given the model and tokens."""

@@ -36,7 +36,7 @@ from ila.layers import LayerId, base_model_of, discover_layers
 from ila.models import load_model, model_label
 from ila.ranking import Ranking
 from ila.selection import Selection, parse_select, select_layers
-from ila.training.cost import CostCallback
+from ila.training.cost import CostCallback, parameter_count
 from ila.training.trainer import ResponseLossTrainer, last_complete_checkpoint, training_arguments
 
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "adalora": 2e-4, "full": 1e-5}
@@ -130,7 +130,7 @@ def train_other_params(config: TrainConfig) -> bool:
         return False
     if config.train_other is not None:
         return config.train_other
-    return config.select.split(":", 1)[0] not in TRAIN_ONLY
+    return parse_select(config.select)[0] not in TRAIN_ONLY
 
 
 def trained_layer_names(model: nn.Module, layers: list[LayerId]) -> set[str]:
@@ -203,7 +203,7 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
         model.save_pretrained(out / "adapter")
     summary = {
         **cost.summary(model, trainer.state.num_input_tokens_seen),
-        "total_params": CostCallback.parameter_count(model),
+        "total_params": parameter_count(model),
         "trained_layers": len(selection.trained),
         "trained_layer_fraction": selection.fraction,
         "other_params_trained": train_other_params(config),
