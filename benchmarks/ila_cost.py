@@ -1,12 +1,18 @@
 """Cost of ILA's stage 2 relative to stage 1, measured side by side (seeds/000 Obs. 6: 5343 / 6671 ms = 0.80).
 
-Both stages run through the product's own code (`run_stage1`, `run_stage2` on the HF Trainer) on the same
-model and the same batches (same data seed). Each repeat loads the model fresh, runs `--steps` stage-1 steps
-(LoRA with dropout, AdamW; no ε-stop, no probe evaluation) and then `--steps` stage-2 steps on the result.
-It prints each repeat's median step times and their ratio, then the median over repeats, and peak memory
-(CUDA max allocated on GPU, sampled RSS on CPU).
+Step ratio (default): both stages run through the product's own code (`run_stage1`, `run_stage2` on the HF
+Trainer) on the same model and the same batches (same data seed). Each repeat loads the model fresh, runs
+`--steps` stage-1 steps (LoRA with dropout, AdamW; no ε-stop, no probe evaluation) and then `--steps` stage-2
+steps on the result (no settle checks). It prints each repeat's median step
+times and their ratio, then the median over repeats, and peak memory (CUDA max allocated on GPU, the kernel's
+peak RSS on CPU).
+
+Settle ratio (`--settle`): the demo recipe (`ila demo`'s config) end to end through `ila.identify`, stage 1
+until ε-stable or its cap, stage 2 until its settle rule fires; prints stage-2 time / stage-1 time per repeat
+(repeat k uses seed k) and their median. Target ≤ 0.5.
 
     python benchmarks/ila_cost.py                      # smollm2-135m, natural_instructions, CPU-sized
+    python benchmarks/ila_cost.py --settle --repeats 2 # the demo recipe, time to settle
     python benchmarks/ila_cost.py --shape llama2-7b    # random-init Llama-2-7B shape (GPU)
 """
 
@@ -29,6 +35,7 @@ from transformers import default_data_collator
 
 from ila.config import IdentifyConfig
 from ila.data import build_dataset, collate, load_examples
+from ila.importance.ila import IlaOptions
 from ila.importance.stage1 import run_stage1
 from ila.importance.stage2 import run_stage2
 from ila.layers import discover_layers
@@ -76,15 +83,20 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in both stages")
+    p.add_argument("--settle", action="store_true", help="time to settle on the demo recipe instead of step times")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.settle:
+        return settle_ratio(args)
 
     config = IdentifyConfig()
     config.lora.r, config.lora.alpha, config.lora.dropout = args.lora_r, args.lora_r, 0.1
-    config.stage1.max_steps = config.stage2.steps = args.steps + 1  # +1: the first step warms up, not counted
-    config.stage1.batch_size = config.stage2.batch_size = args.batch_size
+    config.stage1.max_steps = args.steps + 1  # +1: the first step warms up, not counted
+    config.stage1.batch_size = args.batch_size
+    options = IlaOptions(max_steps=args.steps + 1, min_steps=10**9, interval=10**9, batch_size=args.batch_size,
+                         probe_examples=args.batch_size)  # no settle checks inside the measured steps
     config.stage1.epsilon, config.stage1.save_steps = 1e-12, 10**9
     config.dtype = "bfloat16" if args.bf16 else "float32"
 
@@ -105,7 +117,9 @@ def main() -> int:
             model = build_model(args)
         with tempfile.TemporaryDirectory() as tmp:
             s1 = run_stage1(model, layers, dataset, collator, config, Path(tmp) / "s1")
-            s2 = run_stage2(s1.model, layers, dataset, collator, config, Path(tmp) / "s2")
+            probe = dataset.select(range(args.batch_size))
+            s2 = run_stage2(s1.model, layers, dataset, probe, collator, options, Path(tmp) / "s2", seed=0,
+                            bf16=args.bf16)
         t1 = statistics.median(s1.cost_steps_ms[1:])
         t2 = statistics.median(s2.cost_steps_ms[1:])
         ratios.append(t2 / t1)
@@ -124,6 +138,30 @@ def main() -> int:
     print(f"peak memory stage 2 / stage 1: {statistics.median(mem2) / statistics.median(mem1):.3f} "
           f"({statistics.median(mem2):.0f} / {statistics.median(mem1):.0f} MiB)")
     print("reference: paper 0.80 (5343 / 6671 ms, Llama 2-7B, GPU); target <= 0.70")
+    return 0
+
+
+def settle_ratio(args) -> int:
+    """Stage-2 time to settle / stage-1 time on the demo recipe, `--repeats` seeds."""
+    import ila
+    from ila.demo import demo_config_path
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"setup: ila demo recipe ({demo_config_path()}) on {args.model} with {args.data}; stage 1 until ε-stable "
+          f"or its cap, stage 2 until settled (its defaults); seeds 0..{args.repeats - 1}; {device}; "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    ratios = []
+    for seed in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = ila.identify(Path(tmp) / "run", config=demo_config_path(), model=args.model, data=args.data,
+                                seed=seed).metadata
+        t1, t2 = meta["timings"]["stage1_s"], meta["timings"]["score_s"]
+        ratios.append(t2 / t1)
+        print(f"seed {seed}: stage 1 {t1:6.1f} s ({meta['stage1_steps']} steps)   stage 2 {t2:6.1f} s "
+              f"({meta['stage2_steps']} steps, settled at "
+              f"{meta['stage2_settled_step']})   ratio {t2 / t1:.3f}", flush=True)
+    print(f"stage-2 time to settle / stage-1 time: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+          f"max {max(ratios):.3f}) over {args.repeats} seeds; target <= 0.5")
     return 0
 
 

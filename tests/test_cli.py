@@ -31,9 +31,10 @@ def finished_run(model_dirs, data_file, tmp_path_factory):
 def test_identify_writes_a_complete_run_folder(finished_run):
     data = json.loads((finished_run / "ranking.json").read_text())
     assert len(data["layers"]) == 14
-    assert set(data["layers"][0]) == {"name", "block", "role", "score", "gate"}
+    assert set(data["layers"][0]) == {"name", "block", "role", "score", "gate", "tiebreak"}
     meta = data["metadata"]
-    for key in ("model", "data", "seed", "epsilon", "stability_step", "stage1_steps", "stage2_steps", "timings",
+    for key in ("model", "data", "seed", "method", "method_config", "epsilon", "stability_step", "stage1_steps",
+                "stage2_steps", "stage2_settled_step", "near_ties", "timings",
                 "versions"):
         assert key in meta, key
     assert meta["stage1_steps"] == 6 and meta["stage2_steps"] == 3
@@ -45,7 +46,8 @@ def test_identify_writes_a_complete_run_folder(finished_run):
 def test_same_seed_same_ranking_from_the_cli(finished_run, model_dirs, data_file, tmp_path, capsys):
     code, out, _ = run_cli("identify", "--model", model_dirs("llama"), "--data", data_file, "--out", tmp_path / "b",
                            *FAST, capsys=capsys)
-    assert code == 0 and "ranked 14 linear layers" in out
+    assert code == 0 and "ila: ranked 14 linear layers" in out
+    assert "stage 1: 6 steps, step cap before ε-stability; stage 2: 3 steps, step cap reached" in out
     first = json.loads((finished_run / "ranking.json").read_text())["layers"]
     again = json.loads((tmp_path / "b" / "ranking.json").read_text())["layers"]
     assert [x["score"] for x in first] == [x["score"] for x in again]
@@ -57,7 +59,8 @@ def test_stage2_alone_on_an_adapter_and_compare(finished_run, model_dirs, data_f
                            "--max-length", "32", capsys=capsys)
     assert code == 0, err
     data = json.loads((tmp_path / "s2" / "ranking.json").read_text())
-    assert data["metadata"]["method"] == "stage2-on-adapter" and data["metadata"]["stage1_steps"] == 0
+    meta = data["metadata"]
+    assert meta["method"] == "ila" and meta["adapter"] and meta["stage1_steps"] == 0
     # same adapter, data, seed and steps as the full run: stage 2 alone reproduces its scores exactly
     first = json.loads((finished_run / "ranking.json").read_text())["layers"]
     assert [x["score"] for x in data["layers"]] == [x["score"] for x in first]
@@ -101,7 +104,7 @@ def test_another_seed_gives_another_ranking(finished_run, model_dirs, data_file,
 def test_full_method_and_milestones(model_dirs, data_file, tmp_path, capsys):
     out = tmp_path / "full"
     code, _, err = run_cli("identify", "--model", model_dirs("qwen2"), "--data", data_file, "--out", out,
-                           "--method", "full", "--milestones", "0.5", *FAST, capsys=capsys)
+                           "--update", "full", "--milestones", "0.5", *FAST, capsys=capsys)
     assert code == 0, err
     assert (out / "delta.safetensors").is_file() and not (out / "adapter").exists()
     milestone = json.loads((out / "milestones" / "ranking_0.5.json").read_text())
@@ -111,13 +114,14 @@ def test_full_method_and_milestones(model_dirs, data_file, tmp_path, capsys):
 def test_config_file_with_cli_override(model_dirs, data_file, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_length: 32\nlora: {r: 2, target_roles: [q_proj, v_proj]}\nstage1: {max_steps: 50}\n"
-                   "stage2: {steps: 2}\n")
+                   "ila: {max_steps: 2}\n")
     code, _, err = run_cli("identify", "--model", model_dirs("llama"), "--data", data_file, "--out",
                            tmp_path / "o", "--config", cfg, "--max-steps", "4", capsys=capsys)
     assert code == 0, err
     data = json.loads((tmp_path / "o" / "ranking.json").read_text())
     assert {x["role"] for x in data["layers"]} == {"q_proj", "v_proj"}
     assert data["metadata"]["stage1_steps"] == 4  # the CLI option beat the file
+    assert data["metadata"]["stage2_steps"] == 2 and data["metadata"]["method_config"]["max_steps"] == 2
 
 
 def bad_inputs(tmp_path, model_dir, data_file, finished_run):
@@ -130,6 +134,7 @@ def bad_inputs(tmp_path, model_dir, data_file, finished_run):
     empty = write("empty.jsonl", "")
     corrupt = write("corrupt.json", '{"layers": [{"name": 1}]}')
     bad_cfg = write("bad.yaml", "stage1: {max_stepz: 3}\n")
+    old_cfg = write("old.yaml", "stage2: {steps: 3}\n")
     no_roles = write("roles.yaml", "lora: {target_roles: [nothing_like_this]}\n")
     other = tmp_path / "other_adapter"
     other.mkdir()
@@ -158,7 +163,13 @@ def bad_inputs(tmp_path, model_dir, data_file, finished_run):
         (["identify", *common, "--adapter", tmp_path], "adapter_config.json"),
         (["identify", *common, "--adapter", other], "other_adapter"),
         (["identify", *common, "--max-steps", "-3"], "stage1.max_steps"),
-        (["identify", *common, "--budget", "1.5"], "stage2.budget"),
+        (["identify", *common, "--budget", "1.5"], "ila.budget"),
+        (["identify", *common, "--method", "no-such-method"], "known: ila"),
+        (["identify", *common, "--method", "update-norm", "--stage2-steps", "5"], "options for method 'ila'"),
+        (["identify", *common, "--stage2-tolerance", "0"], "ila.tolerance"),
+        (["identify", *common, "--stage2-tolerance=-1e-3"], "ila.tolerance"),
+        (["identify", *common, "--stage2-steps", "0"], "ila.max_steps"),
+        (["identify", *common, "--config", old_cfg], "has moved to 'ila"),
         (["identify", *common, "--milestones", "0,2"], "stage1.milestones"),
         (["identify", *common, "--config", bad_cfg], "max_stepz"),
         (["identify", *common, "--seed", "-1"], "seed"),
@@ -166,7 +177,7 @@ def bad_inputs(tmp_path, model_dir, data_file, finished_run):
         (["identify", *common, "--out", data_file], "is not a folder"),
         (["identify", *common, "--adapter", untrained], "untrained"),
         (["identify", *common, "--adapter", dora], "DoRA"),
-        (["identify", *common, "--adapter", finished_run / "adapter", "--method", "full"], "stage 2 alone"),
+        (["identify", *common, "--adapter", finished_run / "adapter", "--update", "full"], "--update full"),
         (["identify", *common, "--max-steps", "many"], "invalid int value"),
         (["frobnicate"], "invalid choice"),
         (["identify", *common, "--out", finished_run], "already holds a finished run"),

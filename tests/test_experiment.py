@@ -22,7 +22,7 @@ selections:
   - {{label: "all", select: all}}
   - {{label: "w/ ILA", select: "freeze-bottom:0.25"}}
   - {{label: "RL", select: "random:0.25", select_seed: 3}}
-identify: {{max_length: 32, stage1: {{max_steps: 4}}, stage2: {{steps: 2}}}}
+identify: {{max_length: 32, stage1: {{max_steps: 4}}, ila: {{max_steps: 2}}}}
 train: {{max_length: 32, max_steps: 3, heldout_fraction: 0.2, lora: {{r: 2}}}}
 {extra}""")
     return path
@@ -77,7 +77,7 @@ def test_grid_runs_writes_the_table_and_skips_finished_cells(model_dirs, data_fi
 @pytest.mark.parametrize("old, new, needle", [
     ("seeds: [0, 1]", "seedz: [1]", "unknown key 'seedz'"),
     ("max_steps: 3", "max_stepz: 3", "train: unknown key 'max_stepz'"),
-    ("stage2: {steps: 2}", "stage2: {stepz: 2}", "identify: unknown key 'stage2.stepz'"),
+    ("ila: {max_steps: 2}", "ila: {max_stepz: 2}", "identify: unknown key 'ila.max_stepz'"),
     ("methods: [lora]", "methods: [lora]\neval: {mcq: [x]}", "eval: unknown key 'mcq'"),
 ])
 def test_typos_are_one_line_errors(model_dirs, data_file, tmp_path, old, new, needle):

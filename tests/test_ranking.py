@@ -37,13 +37,17 @@ def test_jaccard_and_spearman_known_values():
 
 
 def test_save_load_roundtrip(tmp_path):
-    r = Ranking.from_scores(LAYERS, [0.5, 3.0, -1.0, 2.0], {"model": "m", "seed": 3})
+    r = Ranking.from_scores(LAYERS, [0.5, 3.0, -1.0, 2.0], {"model": "m", "seed": 3}, gates=True,
+                            tiebreak=[0.0, 1.0, 2.0, 3.0])
     path = r.save(tmp_path / "r.json")
     data = json.loads(path.read_text())
     assert data["layers"][1] == {"name": LAYERS[1].name, "block": 0, "role": "v_proj", "score": 3.0,
-                                 "gate": pytest.approx(0.9526, abs=1e-4)}
+                                 "gate": pytest.approx(0.9526, abs=1e-4), "tiebreak": 1.0}
     back = Ranking.load(path)
     assert back.layers == r.layers and back.scores() == r.scores() and back.metadata["seed"] == 3
+    assert back.gates and [e.tiebreak for e in back.entries] == [0.0, 1.0, 2.0, 3.0]
+    plain = Ranking.from_scores(LAYERS, [0.5, 3.0, -1.0, 2.0]).save(tmp_path / "plain.json")
+    assert set(json.loads(plain.read_text())["layers"][0]) == {"name", "block", "role", "score"}  # no gate
     assert not list(tmp_path.glob(".r.json.*"))  # no temporary left behind
 
 

@@ -65,7 +65,7 @@ def test_killed_run_resumes_from_its_checkpoint(model_dirs, data_file, tmp_path)
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_length: 32\nstage1: {save_steps: 5, min_steps: 1000, learning_rate: 0.01}\n"
-                   "stage2: {steps: 2}\n")
+                   "ila: {max_steps: 2}\n")
     args = [sys.executable, "-m", "ila.cli", "identify", "--model", str(model_dirs("llama")), "--data",
             str(data_file), "--out", str(out), "--config", str(cfg), "--max-steps", "400"]
     killed_at, ranking = _interrupt_and_resume(args, out, 400, "ranking.json")

@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "identify": "ila.api",
+    "identify_options": "ila.api",
+    "list_methods": "ila.api",
     "train": "ila.api",
     "experiment": "ila.api",
     "evaluate": "ila.api",

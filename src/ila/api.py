@@ -11,22 +11,20 @@ from ila.errors import IlaError
 if TYPE_CHECKING:
     from ila.ranking import Ranking
 
-# Keyword options of `identify` (the CLI's options) and the config field each one sets.
-IDENTIFY_OPTIONS = {
-    "model": "model",
-    "data": "data",
-    "adapter": "adapter",
-    "seed": "seed",
-    "max_examples": "max_examples",
-    "max_length": "max_length",
-    "max_steps": "stage1.max_steps",
-    "method": "stage1.method",
-    "epsilon": "stage1.epsilon",
-    "milestones": "stage1.milestones",
-    "stage2_steps": "stage2.steps",
-    "init_score": "stage2.init_score",
-    "budget": "stage2.budget",
-}
+def identify_options() -> dict[str, str]:
+    """Keyword options of `identify` (the CLI's flags by their Python names) → the config key each one sets:
+    the shared fields, the stage-1 update, and every registered method's options (from its file)."""
+    from ila.importance.base import methods
+    from ila.options import flag_paths
+
+    options = flag_paths(IdentifyConfig)
+    for name, method in methods().items():
+        if method.options is not None:
+            for keyword, dotted in flag_paths(method.options, f"{name}.").items():
+                if keyword in options:
+                    raise ValueError(f"method {name}: flag of {dotted} repeats the flag of {options[keyword]}")
+                options[keyword] = dotted
+    return options
 
 
 def _check_options(job: str, options: dict[str, Any], allowed) -> None:
@@ -42,20 +40,27 @@ def identify(
     resume: bool = False,
     **options: Any,
 ) -> Ranking:
-    """Run ILA and write the run folder `out`; returns the ranking.
+    """Rank the linear layers of a model for a dataset with an importance method; write the run folder `out`.
 
     `config` is an `IdentifyConfig` or a YAML path; `options` are the CLI's options by their Python names
-    (`model`, `data`, `adapter`, `seed`, `max_steps`, `stage2_steps`, `method`, `epsilon`, `init_score`,
-    `budget`, `max_examples`, `max_length`, `milestones`) and override it.
+    (`method`, `model`, `data`, `adapter`, `seed`, `max_steps`, ... and each method's own, e.g. `stage2_steps`;
+    see `identify_options()`) and override it.
     """
-    from ila.importance.ila import run_identify
+    from ila.importance.job import run_identify
 
-    _check_options("identify", options, IDENTIFY_OPTIONS)
-    overrides = {IDENTIFY_OPTIONS[k]: v for k, v in options.items()}
+    allowed = identify_options()
+    _check_options("identify", options, allowed)
+    overrides = {allowed[k]: v for k, v in options.items()}
     # an in-memory config goes through the same validation as a YAML file
     config = with_overrides(config, overrides) if isinstance(config, IdentifyConfig) else load_config(config, overrides)
     return run_identify(config, out, resume=resume)
 
+
+def list_methods() -> str:
+    """One line per importance method: its name, what it measures and what it needs."""
+    from ila.importance.base import describe
+
+    return describe()
 
 
 TRAIN_OPTIONS = ("model", "data", "method", "select", "rankings", "transfer", "seed", "select_seed", "max_steps",

@@ -8,32 +8,30 @@ import os
 import sys
 from pathlib import Path
 
-from ila.api import EVAL_OPTIONS, IDENTIFY_OPTIONS, TRAIN_OPTIONS
+from ila.api import EVAL_OPTIONS, TRAIN_OPTIONS
+from ila.config import DATA_HELP, MODEL_HELP
 from ila.errors import IlaError
 
 EPILOG = "Docs: README.md and docs/. Add --debug to any command for a full traceback."
 
 
 def _add_model_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local HF folder, hub name, .gguf file, or embedded name "
-                   "(smollm2-135m, gemma3-270m). Default: smollm2-135m")
-    p.add_argument("--data", help="alpaca/messages .json/.jsonl file, hub dataset name, or "
-                   "bigbench:TASK[/SUBTASK_GLOB]. Default: a natural_instructions subset")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--data", help=DATA_HELP)
 
 
 def _add_identify_options(p: argparse.ArgumentParser) -> None:
-    _add_model_data_options(p)
+    """Flags from the config declarations: shared fields, stage 1, and each registered method's options."""
+    from ila.config import IdentifyConfig
+    from ila.importance.base import methods
+    from ila.options import add_flags
+
     p.add_argument("--config", type=Path, help="YAML config (see configs/); command-line options override it")
-    p.add_argument("--max-steps", type=int, help="stage-1 step cap (stage 1 stops earlier once ε-stable)")
-    p.add_argument("--stage2-steps", type=int, help="stage-2 optimisation steps for the scores")
-    p.add_argument("--method", choices=["lora", "full"], help="stage-1 update: LoRA (default) or full fine-tuning")
-    p.add_argument("--seed", type=int, help="seed for data split, sampling and initialisation (default 0)")
-    p.add_argument("--epsilon", type=float, help="ε of the stability test (Def. 1), per-step loss change")
-    p.add_argument("--init-score", type=float, help="initial score s₀ of every layer (default 4.0)")
-    p.add_argument("--budget", type=float, help="stage-2 budget H as a fraction of the layers, in (0, 1]")
-    p.add_argument("--max-examples", type=int, help="cap on the examples read from --data")
-    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
-    p.add_argument("--milestones", help="comma-separated fractions of --max-steps to also rank at, e.g. 0.25,0.5")
+    add_flags(p, IdentifyConfig)
+    for name, method in sorted(methods().items()):
+        if method.options is not None:
+            group = p.add_argument_group(f"options of method {name} (YAML section '{name}:')")
+            add_flags(group, method.options, f"{name}.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,12 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[debug], **k)  # --debug also after the subcommand
 
-    p = sub.add_parser("identify", help="rank the linear layers of a model for a dataset (ILA)",
-                       description="Stage 1 trains LoRA (or full fine-tuning) until the loss is ε-stable; stage 2 "
-                       "learns one gate score per linear layer. Writes ranking.json, heatmap.png and the "
-                       "stage-1 adapter to --out.", epilog=EPILOG)
-    p.add_argument("--out", type=Path, required=True, help="run folder to write")
-    p.add_argument("--adapter", help="existing PEFT LoRA adapter for --model: run stage 2 alone on it")
+    p = sub.add_parser("identify", help="rank the linear layers of a model for a dataset (ILA and other methods)",
+                       description="Scores every linear layer with an importance method (--method, default ila: "
+                       "stage 1 trains LoRA or full fine-tuning until the loss is ε-stable, stage 2 learns one "
+                       "gate per layer until it settles). Writes ranking.json, heatmap.png and, for methods that "
+                       "use one, the stage-1 update to --out.", epilog=EPILOG)
+    p.add_argument("--out", type=Path, help="run folder to write (required)")
+    p.add_argument("--list-methods", action="store_true", help="list the importance methods and exit")
     p.add_argument("--resume", action="store_true", help="resume stage 1 from the last checkpoint in --out")
     _add_identify_options(p)
 
@@ -156,12 +155,14 @@ def _run(args: argparse.Namespace) -> int:
     import ila
 
     if args.command == "identify":
-        options = {name: getattr(args, name) for name in IDENTIFY_OPTIONS}
+        if args.list_methods:
+            print(ila.list_methods())
+            return 0
+        if args.out is None:
+            raise IlaError("identify: --out is required (the run folder to write)")
+        options = {name: getattr(args, name) for name in ila.identify_options() if getattr(args, name) is not None}
         ranking = ila.identify(args.out, config=args.config, resume=args.resume, **options)
-        meta = ranking.metadata
-        print(f"ranked {len(ranking.entries)} linear layers of {meta['model']}; stability step "
-              f"{meta.get('stability_step')}, stage-1 steps {meta.get('stage1_steps')}, "
-              f"stage-2 steps {meta.get('stage2_steps')}")
+        print(identify_summary(ranking))
         print(f"wrote {args.out / 'ranking.json'} and {args.out / 'heatmap.png'}")
         return 0
     if args.command == "train":
@@ -194,6 +195,22 @@ def _run(args: argparse.Namespace) -> int:
         run_demo(args.out, max_steps=args.max_steps, stage2_steps=args.stage2_steps, seed=args.seed)
         return 0
     raise AssertionError(args.command)
+
+
+def identify_summary(ranking) -> str:
+    """What an identify run did, in one or two lines: method, layers, stage-1 stop, stage-2 stop, near-ties."""
+    meta = ranking.metadata
+    line = f"{meta['method']}: ranked {len(ranking.entries)} linear layers of {meta['model']}"
+    if "stage1_steps" in meta:
+        stable = meta.get("stability_step")
+        line += (f"; stage 1: {meta['stage1_steps']} steps, " +
+                 (f"ε-stable at step {stable}" if stable else "step cap before ε-stability")
+                 if meta["stage1_steps"] else "; stage 1: the given adapter")
+    if "stage2_steps" in meta:
+        settled = meta.get("stage2_settled_step")
+        line += f"; stage 2: {meta['stage2_steps']} steps, " + (
+            f"settled at step {settled}" if settled else "step cap reached before it settled")
+    return line + f"\n{meta.get('near_ties', 0)} scores lie near the top-75 % cut (near-ties)"
 
 
 def format_eval(results: dict) -> str:

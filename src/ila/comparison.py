@@ -26,17 +26,26 @@ def compare(rankings: list[Ranking | str | Path], top: float = 0.75) -> Comparis
     if not 0 < top <= 1:
         raise IlaError(f"--top: {top!r} is not a fraction in (0, 1]")
     loaded = [r if isinstance(r, Ranking) else Ranking.load(r) for r in rankings]
-    names = [str(r) if not isinstance(r, Ranking) else f"ranking{i + 1}" for i, r in enumerate(rankings)]
+    names = [f"{r if not isinstance(r, Ranking) else f'ranking{i + 1}'} ({label(x)})"
+             for i, (r, x) in enumerate(zip(rankings, loaded))]
     n = len(loaded)
     jac = [[1.0 if i == j else loaded[i].jaccard(loaded[j], top) for j in range(n)] for i in range(n)]
     spr = [[1.0 if i == j else loaded[i].spearman(loaded[j]) for j in range(n)] for i in range(n)]
     return Comparison(names, top, jac, spr)
 
 
+def label(ranking: Ranking) -> str:
+    """What made a ranking: method · data · seed (from its metadata; the registry names old ILA rankings)."""
+    meta = ranking.metadata
+    parts = [ranking.method or "unknown method", meta.get("data"), f"seed {meta['seed']}" if "seed" in meta else None]
+    return " · ".join(str(p) for p in parts if p)
+
+
 def format_comparison(c: Comparison) -> str:
     """Two rankings: the `jaccard@T = x` and `spearman = y` lines. More: both matrices."""
     if len(c.names) == 2:
-        return f"jaccard@{c.top:g} = {c.jaccard[0][1]:.3f}\nspearman = {c.spearman[0][1]:.3f}"
+        return (f"jaccard@{c.top:g} = {c.jaccard[0][1]:.3f}\nspearman = {c.spearman[0][1]:.3f}\n"
+                f"[1] {c.names[0]}\n[2] {c.names[1]}")
     labels = [f"[{i + 1}]" for i in range(len(c.names))]
     lines = [f"{label} {name}" for label, name in zip(labels, c.names, strict=True)]
     for title, matrix in ((f"jaccard@{c.top:g}", c.jaccard), ("spearman", c.spearman)):

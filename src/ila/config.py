@@ -1,14 +1,14 @@
 """Job configuration: dataclasses, YAML loading and validation with one-line errors.
 
-A YAML file mirrors `IdentifyConfig` (top-level keys `model`, `data`, …, and sections `lora`, `stage1`,
-`stage2`). CLI options override the file. Defaults cite the paper (seeds/000) where one applies.
+A YAML file mirrors `IdentifyConfig` (top-level keys `model`, `data`, `method`, …, sections `lora` and `stage1`,
+and one section per importance method named after it, e.g. `ila:`) or `TrainConfig`. CLI options override the
+file. Fields are declared once with `ila.options.option` (type, default, check, help, flag). Defaults cite the
+paper (seeds/000) where one applies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -16,110 +16,106 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from ila.errors import IlaError
+from ila.options import (
+    below_one,
+    check_fields,
+    each,
+    fraction,
+    fraction_or_zero,
+    non_negative,
+    one_of,
+    option,
+    positive,
+    regex,
+)
+from ila.options import seed as seed_range
+
+MODEL_HELP = ("local HF folder, hub name, .gguf file, or embedded name (smollm2-135m, gemma3-270m); "
+              "default smollm2-135m")
+DATA_HELP = ("alpaca/messages .json/.jsonl file, hub dataset name, or bigbench:TASK[/SUBTASK_GLOB]; "
+             "default a natural_instructions subset")
 
 
 @dataclass
 class LoraConfig:
-    """Stage-1 LoRA adapter (seeds/000 App. B: r = 32, dropout 0.1)."""
+    """The LoRA adapter of a fine-tune (seeds/000 App. B: r = 32, dropout 0.1)."""
 
-    r: int = 32
-    alpha: float = 32.0
-    dropout: float = 0.1
-    target_roles: list[str] | None = None  # None: every linear layer inside the decoder blocks
+    r: int = option(32, "LoRA rank", check=positive)
+    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha / r", check=positive)
+    dropout: float = option(0.1, "LoRA dropout", check=below_one)
+    target_roles: list[str] | None = option(None, "regexes of the layer roles to adapt (null: every linear layer "
+                                            "inside the decoder blocks)", check=each(regex))
 
 
 @dataclass
 class Stage1Config:
-    """Stage 1: train until the loss is ε-stable (Def. 1), `max_steps` always caps it."""
+    """Stage 1, the update the update-based methods score: train until the loss is ε-stable (Def. 1);
+    `max_steps` always caps it."""
 
-    method: str = "lora"  # "lora" or "full" (ΔW = θ_t − θ₀, Obs. 2)
-    max_steps: int = 200
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4  # full fine-tuning wants ~1e-5 (App. B search range)
-    weight_decay: float = 0.1  # App. B
-    warmup_ratio: float = 0.01  # App. B
-    epsilon: float = 1e-3  # per-step change of the expected loss below which training is ε-stable
-    interval: int = 10  # steps between two estimates of the expected loss
-    probe_examples: int = 32  # held-out examples whose mean loss estimates E_z[L] (0: EMA of the train loss)
-    smoothing: float = 0.9  # EMA factor of the train-loss estimate (used without a probe set)
-    patience: int = 2  # consecutive ε-stable checks required
-    min_steps: int = 20  # never stop before this step
-    milestones: list[float] = field(default_factory=list)  # fractions of max_steps to rank at (Table 4)
-    save_steps: int = 50  # checkpoint interval (resume with --resume)
-
-
-@dataclass
-class Stage2Config:
-    """Stage 2: learn one score per layer, gate σ(s) on its update (Eq. 5–7), under the budget H (Def. 2)."""
-
-    steps: int = 64
-    batch_size: int = 4
-    learning_rate: float = 0.1
-    init_score: float = 4.0  # s₀ (App. C.4 compares 4, 2, 1)
-    budget: float = 0.75  # H as a fraction of the layer count: Σσ(sᵢ) ≤ budget·N
-    budget_weight: float = 0.01  # λ of the hinge penalty λ·max(0, Σσ(sᵢ) − H)
+    update: str = option("lora", "stage-1 update: LoRA, or full fine-tuning of the ranked layers (ΔW = θ_t − θ₀, "
+                         "Obs. 2)", check=one_of("lora", "full"), flag="--update")
+    max_steps: int = option(200, "stage-1 step cap (stage 1 stops earlier once ε-stable)", check=positive, flag=True)
+    batch_size: int = option(4, "stage-1 per-device batch size", check=positive)
+    gradient_accumulation_steps: int = option(1, "stage-1 micro-batches per optimizer step", check=positive)
+    learning_rate: float = option(2e-4, "stage-1 learning rate (full fine-tuning wants ~1e-5, App. B)",
+                                  check=positive)
+    weight_decay: float = option(0.1, "AdamW weight decay (App. B)", check=non_negative)
+    warmup_ratio: float = option(0.01, "fraction of steps of linear warm-up (App. B)", check=fraction_or_zero)
+    epsilon: float = option(1e-3, "ε of Def. 1: per-step change of the expected loss below which training is "
+                            "stable", check=positive, flag=True)
+    interval: int = option(10, "steps between two estimates of the expected loss", check=positive)
+    probe_examples: int = option(32, "held-out examples whose mean loss estimates E_z[L] (0: EMA of the train "
+                                 "loss)", check=non_negative)
+    smoothing: float = option(0.9, "EMA factor of the train-loss estimate (used without a probe set)",
+                              check=below_one)
+    patience: int = option(2, "consecutive ε-stable checks required", check=positive)
+    min_steps: int = option(20, "never stop before this step", check=non_negative)
+    milestones: list[float] = option(help="fractions of max_steps to also rank at (Table 4)", check=each(fraction),
+                                     flag=True, factory=list)
+    save_steps: int = option(50, "checkpoint interval (resume with --resume)", check=positive)
 
 
 @dataclass
 class IdentifyConfig:
-    """Everything `ila identify` needs."""
+    """Everything `ila identify` needs: shared settings, the stage-1 update, and each method's own options.
 
-    model: str | None = None  # None: the embedded default (smollm2-135m)
-    data: str | None = None  # None: the embedded natural_instructions subset
-    adapter: str | None = None  # run stage 2 alone on this PEFT LoRA adapter
-    seed: int = 0
-    max_length: int = 256
-    max_examples: int | None = 2000
-    heldout_fraction: float = 0.1
-    dtype: str = "float32"  # "float32" or "bfloat16"
-    report_to: str = "none"  # any TrainingArguments.report_to value (e.g. "tensorboard", "wandb")
+    `method_options[name]` holds the options of method `name` (YAML: a top-level section named after the
+    method); it is filled with defaults for the method that runs.
+    """
+
+    model: str | None = option(None, MODEL_HELP, flag=True)
+    data: str | None = option(None, DATA_HELP, flag=True)
+    method: str = option("ila", "importance method (see --list-methods)", flag=True)
+    adapter: str | None = option(None, "trained PEFT LoRA adapter for --model: the stage-1 update, instead of "
+                                 "training one", flag=True)
+    seed: int = option(0, "seed of the data split, sampling and initialisation", check=seed_range, flag=True)
+    max_length: int = option(256, "truncate examples to this many tokens", check=positive, flag=True)
+    max_examples: int | None = option(2000, "cap on the examples read from --data", check=positive, flag=True)
+    heldout_fraction: float = option(0.1, "fraction of examples held out (the stage-1 probe is drawn from them)",
+                                     check=below_one)
+    dtype: str = option("float32", "float32, or bfloat16 autocast", check=one_of("float32", "bfloat16"))
+    report_to: str = option("none", "any TrainingArguments.report_to value (e.g. tensorboard, wandb)")
     lora: LoraConfig = field(default_factory=LoraConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> IdentifyConfig:
         """Raise `IlaError` naming the first invalid field."""
-        s1, s2 = self.stage1, self.stage2
-        _seed(self.seed)
-        _regexes("lora.target_roles", self.lora.target_roles)
-        _positive("stage1.max_steps", s1.max_steps)
-        _positive("stage1.batch_size", s1.batch_size)
-        _positive("stage1.gradient_accumulation_steps", s1.gradient_accumulation_steps)
-        _positive("stage1.learning_rate", s1.learning_rate)
-        _positive("stage1.epsilon", s1.epsilon)
-        _positive("stage1.interval", s1.interval)
-        _non_negative("stage1.probe_examples", s1.probe_examples)
-        if not 0 <= s1.smoothing < 1:
-            raise IlaError(f"stage1.smoothing: {s1.smoothing!r} is not in [0, 1)")
-        _positive("stage1.patience", s1.patience)
-        _positive("stage1.save_steps", s1.save_steps)
-        _non_negative("stage1.min_steps", s1.min_steps)
-        _non_negative("stage1.weight_decay", s1.weight_decay)
-        _fraction("stage1.warmup_ratio", s1.warmup_ratio, allow_zero=True)
-        for m in s1.milestones:
-            _fraction("stage1.milestones", m)
-        if s1.method not in ("lora", "full"):
-            raise IlaError(f"stage1.method: {s1.method!r} is not one of 'lora', 'full'")
-        _positive("stage2.steps", s2.steps)
-        _positive("stage2.batch_size", s2.batch_size)
-        _positive("stage2.learning_rate", s2.learning_rate)
-        _fraction("stage2.budget", s2.budget)
-        _non_negative("stage2.budget_weight", s2.budget_weight)
-        if not math.isfinite(s2.init_score):
-            raise IlaError(f"stage2.init_score: {s2.init_score!r} is not a finite number")
-        _positive("lora.r", self.lora.r)
-        _positive("lora.alpha", self.lora.alpha)
-        if not 0 <= self.lora.dropout < 1:
-            raise IlaError(f"lora.dropout: {self.lora.dropout!r} is not in [0, 1)")
-        _positive("max_length", self.max_length)
-        if self.max_examples is not None:
-            _positive("max_examples", self.max_examples)
-        if not 0 <= self.heldout_fraction < 1:
-            raise IlaError(f"heldout_fraction: {self.heldout_fraction!r} is not in [0, 1)")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise IlaError(f"dtype: {self.dtype!r} is not one of 'float32', 'bfloat16'")
+        from ila.importance.base import get_method
+
+        check_fields(self)
+        method = get_method(self.method)
+        for name, options in self.method_options.items():
+            check_fields(options, f"{name}.")
+        if method.options is not None and method.name not in self.method_options:
+            self.method_options[method.name] = method.options()
+        if method.check is not None:
+            method.check(self)
         return self
+
+    def options(self) -> Any:
+        """The running method's options (a dataclass of its file), or None if it has none."""
+        return self.method_options.get(self.method)
 
 
 METHODS = ("lora", "qlora", "full", "adalora")
@@ -191,10 +187,7 @@ class TrainConfig:
             raise IlaError(f"heldout_fraction: {self.heldout_fraction!r} is not in [0, 1)")
         if self.dtype not in ("float32", "bfloat16"):
             raise IlaError(f"dtype: {self.dtype!r} is not one of 'float32', 'bfloat16'")
-        _positive("lora.r", self.lora.r)
-        _positive("lora.alpha", self.lora.alpha)
-        if not 0 <= self.lora.dropout < 1:
-            raise IlaError(f"lora.dropout: {self.lora.dropout!r} is not in [0, 1)")
+        check_fields(self.lora, "lora.")
         a = self.adalora
         _positive("adalora.init_r", a.init_r)
         _positive("adalora.target_r", a.target_r)
@@ -210,14 +203,6 @@ class TrainConfig:
 def _seed(value: int, name: str = "seed") -> None:
     if not 0 <= value < 2**32:
         raise IlaError(f"{name}: {value!r} is not in [0, 2**32)")
-
-
-def _regexes(name: str, patterns: list[str] | None) -> None:
-    for pattern in patterns or []:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise IlaError(f"{name}: {pattern!r} is not a valid regular expression ({exc})") from None
 
 
 def _positive(name: str, value: float) -> None:
@@ -277,7 +262,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     """
     raw = read_yaml_mapping(path, "config") if path is not None else {}
     where = f"config {path}: " if path is not None else ""
-    _set_dotted(raw, overrides or {}, where)
+    overrides = overrides or {}
+    if (cls or IdentifyConfig) is IdentifyConfig and overrides.get("method") not in (None, raw.get("method")):
+        _drop_other_sections(raw, overrides["method"])
+    _set_dotted(raw, overrides, where)
     return _build(cls or IdentifyConfig, raw, where, "").validate()
 
 
@@ -294,17 +282,55 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """A validated copy of a config object with dotted `overrides` applied (None values are skipped)."""
-    return _build(type(config), _set_dotted(dataclasses.asdict(config), overrides, ""), "", "").validate()
+    raw = to_dict(config)
+    if isinstance(config, IdentifyConfig):
+        _drop_other_sections(raw, overrides.get("method") or config.method)
+    return _build(type(config), _set_dotted(raw, overrides, ""), "", "").validate()
+
+
+def _drop_other_sections(raw: dict[str, Any], method: str) -> None:
+    """Remove the option sections of methods other than `method` (a method chosen on the command line
+    overrides the file's, and with it the file's sections for other methods)."""
+    from ila.importance.base import methods
+
+    for name in set(raw) & set(methods()) - {method}:
+        del raw[name]
+
+
+# Keys that moved, and where to: named in the error instead of a bare "unknown key".
+MOVED = {"stage2": "ila (the ILA method's options live under its name)", "stage1.method": "stage1.update"}
 
 
 def _build(cls: type, raw: dict[str, Any], where: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise IlaError(f"{where}{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "method_options"}
+    sections: dict[str, Any] = {}
+    if cls is IdentifyConfig:  # a top-level key named after an importance method holds that method's options
+        from ila.importance.base import get_method, methods
+
+        known = methods()
+        for name in [k for k in raw if k in known and k not in fields]:
+            options_cls, section = known[name].options, raw.pop(name) or {}
+            if options_cls is None:
+                if section:
+                    raise IlaError(f"{where}{name}: method {name!r} takes no options")
+                continue
+            sections[name] = _build(options_cls, section, where, f"{name}.")
+        running = raw.get("method", "ila")
+        if isinstance(running, str):
+            get_method(running)  # an unknown method is named before its options are judged
+        wrong = sorted(set(sections) - {running})
+        if wrong:
+            raise IlaError(f"{where}{wrong[0]}: options for method {wrong[0]!r}, but the method is {running!r}")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise IlaError(f"{where}unknown key '{prefix}{unknown[0]}' (expected one of: {', '.join(fields)})")
+        key = f"{prefix}{unknown[0]}"
+        if key in MOVED:
+            raise IlaError(f"{where}'{key}' has moved to '{MOVED[key]}'")
+        expected = [*fields, *(sorted(methods()) if cls is IdentifyConfig else [])]
+        raise IlaError(f"{where}unknown key '{key}' (expected one of: {', '.join(expected)})")
     kwargs = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -312,7 +338,10 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str) -> Any:
             kwargs[name] = _build(hint, value, where, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, f"{where}{prefix}{name}")
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    if sections:
+        config.method_options = sections
+    return config
 
 
 def _coerce(value: Any, hint: Any, label: str) -> Any:
@@ -357,5 +386,6 @@ def _coerce(value: Any, hint: Any, label: str) -> Any:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """The config as plain data (for run metadata)."""
-    return dataclasses.asdict(config)
+    """The config as plain data, as a YAML file would hold it (method options as top-level sections)."""
+    data = dataclasses.asdict(config)
+    return data | (data.pop("method_options", None) or {})

@@ -5,26 +5,23 @@ the last message is the response, everything before it is the prompt. Sources (s
 
 * a local `.json` (a list) or `.jsonl` file in alpaca form (`instruction`, optional `input`, `output`),
   messages form (`messages`) or LIMA form (`conversations`: alternating user/assistant strings);
-* `bigbench:TASK[/SUBTASK,...]`, read from the BIG-bench source archive (`ila.assets.bigbench_archive()`);
+* `bigbench:TASK[/SUBTASK,...]`, read from the BIG-bench source archive (`ila.bigbench`);
 * a directory of data files or a Hugging Face dataset name, via `datasets.load_dataset`.
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import json
 import logging
 import random
-import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset
 
+from ila import bigbench
 from ila.errors import IlaError, first_line
-from ila.io import write_bytes_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -47,9 +44,7 @@ PLAIN_GENERATION_PROMPT = PLAIN_HEADERS["assistant"]
 PLAIN_TEMPLATE = PLAIN_HEADERS["user"] + "{instruction}" + PLAIN_SEPARATOR + PLAIN_GENERATION_PROMPT
 """The plain prompt for a single user message, used when the tokenizer has no chat template."""
 
-BIGBENCH_PREFIX = "bigbench:"
 _LOCAL_SUFFIXES = (".json", ".jsonl")
-_GLOB_CHARS = "*?["
 
 Example = dict[str, list[dict[str, str]]]
 
@@ -220,155 +215,10 @@ def _read_hf(name: str, max_examples: int | None, seed: int) -> list[Example]:
 # BIG-bench
 
 
-def _bigbench_cache(archive: Path) -> Path:
-    stem = archive.name.removesuffix(".tar.gz").removesuffix(".zip")
-    from ila.assets import cache_dir
-
-    return cache_dir() / "bigbench" / stem
-
-
-def _task_rel(member_name: str) -> str | None:
-    """`TASK/...` relative to `benchmark_tasks/`, or None for members outside it."""
-    _, sep, rel = member_name.partition("/benchmark_tasks/")
-    return rel if sep and rel else None
-
-
-def _scan_archive(archive: Path, cache: Path, want: Callable[[str], bool], *,
-                  needed: set[str] | None = None) -> dict[str, Any]:
-    """Stream the archive once, extracting wanted `task.json` members into CACHE/tasks.
-
-    With NEEDED, stop as soon as all of those are extracted; otherwise read to the end and return the index
-    (all task names and all `TASK/task.json`, `TASK/SUBTASK/task.json` paths).
-    """
-    tasks: set[str] = set()
-    task_files: list[str] = []
-    remaining = set(needed) if needed is not None else None
-    try:
-        with tarfile.open(archive, mode="r|*", bufsize=1 << 20) as tf:
-            for member in tf:
-                rel = _task_rel(member.name)
-                if rel is None:
-                    continue
-                parts = rel.split("/")
-                if len(parts) > 1:
-                    tasks.add(parts[0])
-                if not (member.isfile() and parts[-1] == "task.json" and len(parts) in (2, 3)):
-                    continue
-                task_files.append(rel)
-                if want(rel):
-                    f = tf.extractfile(member)
-                    if f is not None:
-                        write_bytes_atomic(cache / "tasks" / rel, f.read())
-                if remaining is not None:
-                    remaining.discard(rel)
-                    if not remaining:
-                        break
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise IlaError(f"{archive}: cannot read the BIG-bench archive ({e}); "
-                       "delete it to download it again") from None
-    return {"tasks": sorted(tasks), "task_files": sorted(task_files)}
-
-
-def _bigbench_index(archive: Path, cache: Path, want: Callable[[str], bool]) -> dict[str, Any]:
-    """The cached member index of ARCHIVE; built once (a ~5 s scan) that also extracts WANT."""
-    index_path = cache / "index.json"
-    stamp = {"archive": archive.name, "size": archive.stat().st_size}
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            if {k: index.get(k) for k in stamp} == stamp:
-                return index
-        except (OSError, json.JSONDecodeError):
-            pass
-    log.info("indexing %s (once)", archive)
-    index = {**stamp, **_scan_archive(archive, cache, want)}
-    write_bytes_atomic(index_path, json.dumps(index).encode())
-    return index
-
-
-def _match_subtask(name: str, selector: str) -> bool:
-    if any(c in selector for c in _GLOB_CHARS):
-        return fnmatch.fnmatchcase(name, selector)
-    return name == selector or name.startswith(selector + "_")
-
-
-def _suggest(wanted: str, names: Sequence[str], n: int = 5) -> str:
-    close = difflib.get_close_matches(wanted.strip(_GLOB_CHARS + "]"), names, n=n, cutoff=0.4)
-    return ", ".join(close or list(names)[:n])
-
-
-def _parse_bigbench(spec: str) -> tuple[str, list[str]]:
-    body = spec[len(BIGBENCH_PREFIX):].strip()
-    task, _, sub = body.partition("/")
-    task = task.strip()
-    selectors = [s.strip() for s in sub.split(",") if s.strip()] if sub else []
-    if not task:
-        raise IlaError(f"data {spec!r}: missing task name, expected 'bigbench:TASK[/SUBTASK_GLOB,...]'")
-    if sub and not selectors:
-        raise IlaError(f"data {spec!r}: empty subtask selector after '/', "
-                       "expected 'bigbench:TASK/SUBTASK_GLOB'")
-    return task, selectors
-
-
-def bigbench_task_files(spec: str) -> list[tuple[str, Path]]:
-    """The `(name, extracted task.json path)` pairs a `bigbench:` SPEC selects, extracting them if needed."""
-    from ila.assets import bigbench_archive
-
-    task, selectors = _parse_bigbench(spec)
-
-    def wanted_early(rel: str) -> bool:  # what to extract during a first (indexing) scan
-        parts = rel.split("/")
-        if parts[0] != task:
-            return False
-        return len(parts) == 2 or not selectors or any(_match_subtask(parts[1], s) for s in selectors)
-
-    archive = bigbench_archive()
-    cache = _bigbench_cache(archive)
-    index = _bigbench_index(archive, cache, wanted_early)
-    if task not in index["tasks"]:
-        raise IlaError(f"data {spec!r}: no BIG-bench task {task!r} in {archive.name}; "
-                       f"close names: {_suggest(task, index['tasks'])}")
-    files = [rel for rel in index["task_files"] if rel.split("/")[0] == task]
-    subtasks = sorted(rel.split("/")[1] for rel in files if rel.count("/") == 2)
-    if not files:
-        raise IlaError(f"data {spec!r}: BIG-bench task {task!r} is programmatic (no task.json), "
-                       "expected a JSON task")
-    if selectors and not subtasks:
-        raise IlaError(f"data {spec!r}: BIG-bench task {task!r} has no subtasks, use 'bigbench:{task}'")
-    if subtasks:
-        chosen: list[str] = []
-        for sel in selectors or ["*"]:
-            hits = [s for s in subtasks if _match_subtask(s, sel)]
-            if not hits:
-                raise IlaError(f"data {spec!r}: no subtask of {task!r} matches {sel!r}; {len(subtasks)} "
-                               f"subtasks, e.g. {_suggest(sel, subtasks)}")
-            chosen += [s for s in hits if s not in chosen]
-        rels = [f"{task}/{s}/task.json" for s in chosen]
-        names = chosen
-    else:
-        rels, names = [f"{task}/task.json"], [task]
-    missing = {rel for rel in rels if not (cache / "tasks" / rel).is_file()}
-    if missing:
-        log.info("extracting %d task file(s) from %s", len(missing), archive.name)
-        _scan_archive(archive, cache, missing.__contains__, needed=missing)
-        lost = sorted(rel for rel in missing if not (cache / "tasks" / rel).is_file())
-        if lost:
-            raise IlaError(f"{archive}: member {lost[0]} listed in the index but not found; "
-                           f"delete {cache} to rebuild the index")
-    return [(name, cache / "tasks" / rel) for name, rel in zip(names, rels)]
-
-
 def _bigbench_examples(task: str, name: str, path: Path) -> list[Example]:
     """Examples of one extracted task.json; natural_instructions get the subtask `description` first."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IlaError(f"{path}: unreadable BIG-bench task file ({e}); "
-                       "delete it to extract it again") from None
-    raw = data.get("examples") if isinstance(data, dict) else None
-    if not isinstance(raw, list):
-        raise IlaError(f"{path}: field 'examples' missing or not a list, "
-                       "expected a list of BIG-bench examples")
+    data = bigbench.read_task(path)
+    raw = data["examples"]
     prefix = ""
     if task == "natural_instructions" and isinstance(data.get("description"), str):
         prefix = data["description"].strip() + PLAIN_SEPARATOR
@@ -403,31 +253,13 @@ def _bigbench_target(ex: Any) -> str | None:
 
 
 def _read_bigbench(spec: str, max_examples: int | None, seed: int) -> list[Example]:
-    task, _ = _parse_bigbench(spec)
-    groups = []
-    for name, path in bigbench_task_files(spec):
-        groups.append(_bigbench_examples(task, name, path))
+    task, _ = bigbench.parse_spec(spec)
+    groups = [_bigbench_examples(task, name, path) for name, path in bigbench.task_files(spec)]
     if not any(groups):
         raise IlaError(f"data {spec!r}: the selected BIG-bench files hold no examples with a text target")
     if max_examples is None:
         return [ex for g in groups for ex in g]
-    return _sample_evenly(groups, max_examples, seed)
-
-
-def _sample_evenly(groups: Sequence[Sequence[Example]], k: int, seed: int) -> list[Example]:
-    """K examples spread as evenly as the group sizes allow; each group keeps its order. Deterministic."""
-    quotas = [0] * len(groups)
-    left = min(k, sum(len(g) for g in groups))
-    order = sorted(range(len(groups)), key=lambda i: len(groups[i]))
-    for pos, i in enumerate(order):
-        share = -(-left // (len(order) - pos))  # ceil: the remainder goes to the larger groups first
-        quotas[i] = min(len(groups[i]), share)
-        left -= quotas[i]
-    rng = random.Random(seed)
-    out = []
-    for group, quota in zip(groups, quotas):
-        out += [group[j] for j in sorted(rng.sample(range(len(group)), quota))]
-    return out
+    return bigbench.sample_evenly(groups, max_examples, seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -447,7 +279,7 @@ def load_examples(spec: str | None = None, *, max_examples: int | None = None,
         raise IlaError(f"max_examples is {max_examples!r}, expected a positive integer or None")
     if not spec.strip():
         raise IlaError("data spec is empty, expected a file, 'bigbench:TASK[/SUBTASK]' or a dataset name")
-    if spec.startswith(BIGBENCH_PREFIX):
+    if spec.startswith(bigbench.PREFIX):
         return _read_bigbench(spec, max_examples, seed)
     path = Path(spec).expanduser()
     looks_local = path.suffix.lower() in _LOCAL_SUFFIXES or spec.startswith((".", "/", "~"))
@@ -479,7 +311,9 @@ def render_prompt(messages: Sequence[dict[str, str]], tokenizer: PreTrainedToken
     return "".join(parts) + PLAIN_GENERATION_PROMPT
 
 
-def _prompt_ids(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def prompt_ids(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of a rendered PROMPT as training sees them: no special tokens added, except BOS before a
+    plain-template prompt when the tokenizer adds BOS by default."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if getattr(tokenizer, "chat_template", None) or bos is None or ids[:1] == [bos]:
@@ -496,16 +330,16 @@ def format_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_len
     Prompt and response are tokenised separately, so the prompt part is exactly the prompt's own tokens.
     """
     messages = example["messages"]
-    prompt_ids = _prompt_ids(render_prompt(messages[:-1], tokenizer), tokenizer)
+    prompt_tokens = prompt_ids(render_prompt(messages[:-1], tokenizer), tokenizer)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise IlaError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token, "
                        "expected one to end responses")
     response_ids = [*tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"], eos]
-    if len(prompt_ids) >= max_length:
+    if len(prompt_tokens) >= max_length:
         return None
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    input_ids = (prompt_tokens + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_tokens) + response_ids)[:max_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 

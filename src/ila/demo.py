@@ -41,9 +41,9 @@ def _reuse(run_dir: Path, *, seed: int, max_steps: int | None, stage2_steps: int
     """A finished demo run, if it was made with the same settings; else a one-line error."""
     ranking = Ranking.load(run_dir / "ranking.json")
     config = ranking.metadata.get("config", {})
-    wanted = {"seed": seed, "stage1.max_steps": max_steps, "stage2.steps": stage2_steps}
+    wanted = {"seed": seed, "stage1.max_steps": max_steps, "ila.max_steps": stage2_steps}
     have = {"seed": config.get("seed"), "stage1.max_steps": config.get("stage1", {}).get("max_steps"),
-            "stage2.steps": config.get("stage2", {}).get("steps")}
+            "ila.max_steps": config.get("ila", {}).get("max_steps")}
     for key, value in wanted.items():
         if value is not None and have[key] != value:
             raise IlaError(f"demo folder {run_dir}: holds a run with {key}={have[key]}, not {value}; "
@@ -80,7 +80,9 @@ def run_demo(out: str | Path, *, max_steps: int | None = None, stage2_steps: int
         rankings[name] = identify(run_dir, config=demo_config_path(), data=data, seed=seed, max_steps=max_steps,
                                   stage2_steps=stage2_steps)
         meta = rankings[name].metadata
-        print(f"[{name}] {_stage1_summary(meta)}; stage 2: {meta['stage2_steps']} steps; "
+        settled = meta.get("stage2_settled_step")
+        print(f"[{name}] {_stage1_summary(meta)}; stage 2: {meta['stage2_steps']} steps, "
+              f"{f'settled at step {settled}' if settled else 'step cap before it settled'}; "
               f"{meta['timings']['total_s']:.0f} s")
     comparison = compare(list(rankings.values()), top=0.75)
     n = len(next(iter(rankings.values())).entries)

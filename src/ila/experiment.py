@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import math
-import re
 import shutil
 import statistics
 import subprocess
@@ -50,7 +49,7 @@ from ila.config import (
     to_dict,
 )
 from ila.errors import IlaError
-from ila.io import write_json_atomic, write_text_atomic
+from ila.io import slug, write_json_atomic, write_text_atomic
 from ila.selection import parse_select
 
 GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train", "eval"}
@@ -117,7 +116,7 @@ def load_grid(path: str | Path) -> Grid:
         label = str(item.get("label", f"{item['select']}{seed_suffix}"))
         if item.get("select_seed") is not None and not isinstance(item["select_seed"], int):
             raise IlaError(f"experiment {path}: selections[{i}].select_seed must be an integer")
-        if any(_slug(label) == _slug(other.label) for other in selections):
+        if any(slug(label) == slug(other.label) for other in selections):
             raise IlaError(f"experiment {path}: selections[{i}]: label {label!r} repeats another (cells would collide)")
         selections.append(Selection(label, str(item["select"]), item.get("select_seed")))
     for key in ("identify", "train", "eval"):
@@ -170,14 +169,10 @@ def _train_config(grid: Grid, model, data, method, sel: Selection, seed: int, ra
         raise IlaError(f"{where}: train: {exc}") from None
 
 
-def _slug(value: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value if value is not None else "default")).strip("_")[:60] or "x"
-
-
 def run_experiment(config_path: str | Path, out: str | Path) -> Path:
     """Run every unfinished cell of the grid, then write `OUT/<name>.md` and `.csv`; returns the Markdown path."""
     from ila.evaluation.job import eval_settings, run_eval
-    from ila.importance.ila import run_identify
+    from ila.importance.job import run_identify
 
     grid = load_grid(config_path)
     out = Path(out)
@@ -189,7 +184,7 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
             for method in grid.methods:
                 for sel in grid.selections:
                     for seed in grid.seeds:
-                        cell = out / "cells" / _slug(model) / _slug(data) / method / _slug(sel.label) / f"seed{seed}"
+                        cell = out / "cells" / slug(model) / slug(data) / method / slug(sel.label) / f"seed{seed}"
                         needs = rankings if _needs_ranking(sel) else []
                         config = _train_config(grid, model, data, method, sel, seed, needs)
                         _check_cell(cell, config)
@@ -282,7 +277,7 @@ def _needs_ranking(sel: Selection) -> bool:
 
 
 def _identify(grid: Grid, model, data, out: Path, run_identify) -> Path:
-    folder = out / "rankings" / _slug(model) / _slug(data)
+    folder = out / "rankings" / slug(model) / slug(data)
     if not (folder / "ranking.json").exists():
         print(f"[{grid.name}] identify: {model} · {data}", flush=True)
         config = load_config(None, flatten(grid.identify) | {"model": model, "data": data}, IdentifyConfig)
@@ -329,8 +324,8 @@ def write_table(name: str, rows: dict[tuple, list[dict]], out: Path) -> Path:
             stats += [statistics.mean(vals) if vals else "", statistics.stdev(vals) if len(vals) > 1 else ""]
         writer.writerow(key + stats)
     out.mkdir(parents=True, exist_ok=True)
-    md = out / f"{_slug(name)}.md"
+    md = out / f"{slug(name)}.md"
     write_text_atomic(md, f"# {name}\n\n" + "\n".join(lines) + "\n")
-    write_text_atomic(out / f"{_slug(name)}.csv", buffer.getvalue())
-    write_json_atomic(out / f"{_slug(name)}.json", {str(k): v for k, v in rows.items()})
+    write_text_atomic(out / f"{slug(name)}.csv", buffer.getvalue())
+    write_json_atomic(out / f"{slug(name)}.json", {str(k): v for k, v in rows.items()})
     return md

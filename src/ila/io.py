@@ -4,27 +4,45 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ila.errors import IlaError
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (readable by everyone, as a normal file would be)."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed over `path` when the block ends without error,
+    removed otherwise. The suffix is kept, for writers that pick the format from it (matplotlib)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # readable by everyone, as a normal file would be
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def read_json(path: Path, label: str) -> Any:
+    """Parse a JSON file; one-line `IlaError` starting with `label` when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IlaError(f"{label}: not valid JSON ({exc})") from None
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -33,6 +51,13 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def slug(value: object, *, keep: str = "._-", empty: str = "x") -> str:
+    """VALUE (None: "default") as a file or folder name: each run of characters other than ASCII letters, digits
+    and KEEP becomes "_", leading and trailing "_" are dropped, 60 characters at most; EMPTY if nothing is left."""
+    text = "default" if value is None else str(value)
+    return re.sub(f"[^A-Za-z0-9{re.escape(keep)}]+", "_", text).strip("_")[:60] or empty
 
 
 def check_output_folder(out: Path, marker: str, *, resume: bool = False) -> None:

@@ -6,16 +6,18 @@ J(S₁, S₂) = |S₁ ∩ S₂| / |S₁ ∪ S₂|) and by Spearman rank correlat
 `ranking.json` schema (version 1)::
 
     {"format": "ila.ranking", "version": 1,
-     "layers": [{"name": str, "block": int, "role": str, "score": float, "gate": float}, ...],
-     "metadata": {...}}
+     "layers": [{"name": str, "block": int, "role": str, "score": float,
+                 "gate": float (ILA only), "tiebreak": float (optional)}, ...],
+     "metadata": {"method": str, "method_config": {...}, ...}}
 
-`layers` is in model order; `score` is sᵢ, `gate` is σ(sᵢ). `metadata` is free-form (model, data, seed, ε,
-stability step, steps, timings, package versions).
+`layers` is in model order; `score` is the method's score (higher = more important; for ILA the gate logit
+sᵢ, and `gate` is σ(sᵢ)). Layers with equal scores are ordered by `tiebreak` (higher first), then by a hash of
+their name: never by model order. `metadata` names the method and its settings, plus what it measured.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ila.errors import IlaError
-from ila.io import write_json_atomic
+from ila.io import read_json, write_json_atomic
 from ila.layers import LayerId
 
 FORMAT = "ila.ranking"
@@ -32,10 +34,11 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class LayerScore:
-    """One layer's importance: score sᵢ and gate σ(sᵢ)."""
+    """One layer's importance: its score (for ILA the gate logit sᵢ, `gate` = σ(sᵢ)) and tie-break value."""
 
     layer: LayerId
     score: float
+    tiebreak: float | None = None
 
     @property
     def gate(self) -> float:
@@ -48,15 +51,27 @@ class Ranking:
 
     entries: list[LayerScore]
     metadata: dict[str, Any] = field(default_factory=dict)
+    gates: bool = False  # scores are gate logits: the file also stores σ(sᵢ)
 
     @classmethod
     def from_scores(
-        cls, layers: Sequence[LayerId], scores: Iterable[float], metadata: dict[str, Any] | None = None
+        cls, layers: Sequence[LayerId], scores: Iterable[float], metadata: dict[str, Any] | None = None, *,
+        tiebreak: Sequence[float] | None = None, gates: bool = False,
     ) -> Ranking:
         values = [float(s) for s in scores]
-        if len(values) != len(layers):
-            raise ValueError(f"{len(layers)} layers but {len(values)} scores")
-        return cls([LayerScore(layer, s) for layer, s in zip(layers, values, strict=True)], dict(metadata or {}))
+        if len(values) != len(layers) or (tiebreak is not None and len(tiebreak) != len(layers)):
+            raise ValueError(f"{len(layers)} layers but {len(values)} scores and "
+                             f"{len(tiebreak) if tiebreak is not None else 'no'} tie-break values")
+        ties = [None] * len(values) if tiebreak is None else [float(t) for t in tiebreak]
+        entries = [LayerScore(layer, s, t) for layer, s, t in zip(layers, values, ties, strict=True)]
+        return cls(entries, dict(metadata or {}), gates)
+
+    @property
+    def method(self) -> str | None:
+        """The importance method that made the ranking (rankings from before methods had names: 'ila')."""
+        from ila.importance.base import method_of
+
+        return method_of(self.metadata)
 
     @property
     def layers(self) -> list[LayerId]:
@@ -68,17 +83,31 @@ class Ranking:
         return {e.layer.name: e.score for e in self.entries}
 
     def ordered(self) -> list[LayerId]:
-        """Layers from most to least important (ties keep model order)."""
-        order = sorted(range(len(self.entries)), key=lambda i: (-self.entries[i].score, i))
-        return [self.entries[i].layer for i in order]
+        """Layers from most to least important; equal scores by `tiebreak` (higher first), then by name hash."""
+
+        def key(e: LayerScore) -> tuple:
+            return (-e.score, -(e.tiebreak or 0.0), hashlib.sha256(e.layer.name.encode()).hexdigest())
+
+        return [e.layer for e in sorted(self.entries, key=key)]
+
+    def near_ties(self, top: float = 0.75, tolerance: float = 0.01) -> int:
+        """How many scores lie within `tolerance` × (score range) of the cut between the top `top` and the rest:
+        layers whose side of the cut a small change of the scores could flip."""
+        order = sorted((e.score for e in self.entries), reverse=True)
+        k = count_of(top, len(order))
+        if k >= len(order):
+            return 0
+        cut = (order[k - 1] + order[k]) / 2
+        width = tolerance * (order[0] - order[-1])
+        return sum(1 for s in order if abs(s - cut) <= width)
 
     def top(self, fraction: float = 0.75) -> list[LayerId]:
         """The ⌈fraction·N⌉ most important layers."""
-        return self.ordered()[: _count(fraction, len(self.entries))]
+        return self.ordered()[: count_of(fraction, len(self.entries))]
 
     def bottom(self, fraction: float = 0.25) -> list[LayerId]:
         """The ⌈fraction·N⌉ least important layers."""
-        return self.ordered()[::-1][: _count(fraction, len(self.entries))]
+        return self.ordered()[::-1][: count_of(fraction, len(self.entries))]
 
     def jaccard(self, other: Ranking, top: float = 0.75) -> float:
         """Jaccard similarity of the two top-`top` sets of module names."""
@@ -98,13 +127,17 @@ class Ranking:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "layers": [
-                {"name": e.layer.name, "block": e.layer.block, "role": e.layer.role, "score": e.score,
-                 "gate": e.gate}
-                for e in self.entries
-            ],
+            "layers": [self._row(e) for e in self.entries],
             "metadata": self.metadata,
         }
+
+    def _row(self, e: LayerScore) -> dict[str, Any]:
+        row: dict[str, Any] = {"name": e.layer.name, "block": e.layer.block, "role": e.layer.role, "score": e.score}
+        if self.gates:
+            row["gate"] = e.gate
+        if e.tiebreak is not None:
+            row["tiebreak"] = e.tiebreak
+        return row
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON file atomically (a temporary file renamed into place)."""
@@ -116,10 +149,7 @@ class Ranking:
         path = Path(path)
         if not path.is_file():
             raise IlaError(f"ranking {path}: file not found")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise IlaError(f"ranking {path}: not valid JSON ({exc})") from None
+        data = read_json(path, f"ranking {path}")
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
             raise IlaError(f"ranking {path}: expected an object with a 'layers' list")
         entries = []
@@ -132,13 +162,18 @@ class Ranking:
                     raise IlaError(f"ranking {path}: layers[{i}].{key} is missing or not a {_kind_name(kind)}")
             if not _finite(row["score"]):
                 raise IlaError(f"ranking {path}: layers[{i}].score is not a finite number")
-            entries.append(LayerScore(LayerId(row["name"], row["block"], row["role"]), float(row["score"])))
+            tiebreak = row.get("tiebreak")
+            if tiebreak is not None and (isinstance(tiebreak, bool) or not isinstance(tiebreak, (int, float))
+                                         or not _finite(tiebreak)):
+                raise IlaError(f"ranking {path}: layers[{i}].tiebreak is not a finite number")
+            layer = LayerId(row["name"], row["block"], row["role"])
+            entries.append(LayerScore(layer, float(row["score"]), None if tiebreak is None else float(tiebreak)))
         if not entries:
             raise IlaError(f"ranking {path}: 'layers' is empty")
         if len({e.layer.name for e in entries}) != len(entries):
             raise IlaError(f"ranking {path}: layer names repeat")
         metadata = data.get("metadata", {})
-        return cls(entries, metadata if isinstance(metadata, dict) else {})
+        return cls(entries, metadata if isinstance(metadata, dict) else {}, gates="gate" in data["layers"][0])
 
 
 def _finite(value: float) -> bool:
@@ -152,7 +187,8 @@ def _kind_name(kind: Any) -> str:
     return {str: "string", int: "integer"}.get(kind, "number")
 
 
-def _count(fraction: float, n: int) -> int:
+def count_of(fraction: float, n: int) -> int:
+    """⌈fraction·n⌉, at least 1: how many of n layers a fraction selects."""
     if not 0 < fraction <= 1:
         raise IlaError(f"fraction {fraction!r} is not in (0, 1]")
     return max(1, math.ceil(fraction * n - 1e-9))

@@ -20,7 +20,6 @@ A ranking from another model is refused unless `transfer=True`, which maps it by
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ila.errors import IlaError
 from ila.layers import LayerId
-from ila.ranking import LayerScore, Ranking
+from ila.ranking import LayerScore, Ranking, count_of
 
 DEFAULT_FRACTION = {"freeze-bottom": 0.25}
 
@@ -52,10 +51,6 @@ class Selection:
                 **({"transfer_mapping": self.mapping} if self.mapping else {})}
 
 
-def _count(fraction: float, n: int) -> int:
-    return max(1, math.ceil(fraction * n - 1e-9))
-
-
 def _ranked(rankings: Sequence[Ranking], spec: str) -> Ranking:
     if len(rankings) != 1:
         raise IlaError(f"--select {spec}: needs exactly one --ranking, got {len(rankings)}")
@@ -76,16 +71,16 @@ def _top(layers, rankings, arg, seed, spec):
 
 
 def _random(layers, rankings, arg, seed, spec):
-    frozen = random.Random(seed).sample([x.name for x in layers], _count(arg, len(layers)))
+    frozen = random.Random(seed).sample([x.name for x in layers], count_of(arg, len(layers)))
     return _keep_all_but(layers, set(frozen))
 
 
 def _first(layers, rankings, arg, seed, spec):
-    return list(layers[_count(arg, len(layers)):])
+    return list(layers[count_of(arg, len(layers)):])
 
 
 def _last(layers, rankings, arg, seed, spec):
-    return list(layers[: len(layers) - _count(arg, len(layers))])
+    return list(layers[: len(layers) - count_of(arg, len(layers))])
 
 
 def _names(layers, rankings, arg, seed, spec):
@@ -192,6 +187,6 @@ def transfer_ranking(ranking: Ranking, layers: Sequence[LayerId]) -> tuple[Ranki
         if entry is None:
             raise IlaError(f"{source}: has no role {layer.role!r} to transfer to {layer.name} "
                            f"(source roles: {', '.join(sorted({x.role for x in ranking.layers}))})")
-        entries.append(LayerScore(layer, entry.score))
+        entries.append(LayerScore(layer, entry.score, entry.tiebreak))
         mapping[layer.name] = entry.layer.name
-    return Ranking(entries, dict(ranking.metadata)), mapping
+    return Ranking(entries, dict(ranking.metadata), ranking.gates), mapping

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ila import bigbench
 from ila.errors import IlaError
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     """
     import torch
 
-    from ila.data import _prompt_ids
+    from ila.data import prompt_ids
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise IlaError(f"max_new_tokens is {max_new_tokens!r}, expected a positive integer")
@@ -74,7 +75,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
         eos_ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
     device = next(model.parameters()).device
-    encoded = [_prompt_ids(p, tokenizer) for p in prompts]
+    encoded = [prompt_ids(p, tokenizer) for p in prompts]
     outputs: list[str] = []
     was_training = model.training
     model.eval()
@@ -119,10 +120,10 @@ def _targets_of(ex: Mapping[str, Any]) -> tuple[list[str], bool]:
 
 def _bigbench_items(spec: str, seed: int) -> list[list[dict[str, Any]]]:
     """Per subtask, the items (`messages`, `targets`, `output_regex`, `stop_string`) of a `bigbench:` SPEC."""
-    from ila.data import PLAIN_SEPARATOR, _parse_bigbench
+    from ila.data import PLAIN_SEPARATOR
     from ila.evaluation.multiple_choice import DEFAULT_CHOICE_PREFIX, bigbench_tasks
 
-    task, _ = _parse_bigbench(spec)
+    task, _ = bigbench.parse_spec(spec)
     groups = []
     for name, _path, data in bigbench_tasks(spec):
         prefix = str(data.get("task_prefix", ""))
@@ -159,13 +160,13 @@ def exact_match_items(spec: str, *, limit: int | None = 50, seed: int = 0) -> li
     BIG-bench does), or anything `ila.data.load_examples` reads (target: the response). LIMIT: a seeded
     subset, spread evenly over BIG-bench subtasks.
     """
-    from ila.data import BIGBENCH_PREFIX, _sample_evenly, load_examples
+    from ila.data import load_examples
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise IlaError(f"limit is {limit!r}, expected a positive integer or None")
-    if str(spec).startswith(BIGBENCH_PREFIX):
+    if str(spec).startswith(bigbench.PREFIX):
         groups = _bigbench_items(spec, seed)
-        return [x for g in groups for x in g] if limit is None else _sample_evenly(groups, limit, seed)
+        return [x for g in groups for x in g] if limit is None else bigbench.sample_evenly(groups, limit, seed)
     examples = load_examples(spec, max_examples=limit, seed=seed)
     return [{"messages": ex["messages"][:-1], "targets": [ex["messages"][-1]["content"]], "output_regex": None,
              "stop_string": None, "subtask": ""} for ex in examples]

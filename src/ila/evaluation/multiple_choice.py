@@ -24,13 +24,13 @@ import json
 import logging
 import random
 import re
-import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ila import bigbench
 from ila.errors import IlaError
-from ila.io import write_bytes_atomic
+from ila.io import slug, write_bytes_atomic
 
 if TYPE_CHECKING:
     from torch import nn
@@ -84,56 +84,22 @@ def truthful_qa_mc_file() -> Path:
     truthful_qa is a programmatic BIG-bench task (no `task.json`); its multiple-choice data is `task_mc.json`:
     examples `{"input", "target_scores"}` (one true answer) and a `task_prefix` of six Q/A demonstrations.
     """
-    from ila.assets import bigbench_archive, cache_dir
-
-    archive = bigbench_archive()
-    stem = archive.name.removesuffix(".tar.gz").removesuffix(".zip")
-    target = cache_dir() / "bigbench" / stem / "tasks" / _TRUTHFUL_QA_MC
-    if target.is_file():
-        return target
-    log.info("extracting %s from %s", _TRUTHFUL_QA_MC, archive.name)
-    suffix = "/benchmark_tasks/" + _TRUTHFUL_QA_MC
-    try:
-        with tarfile.open(archive, mode="r|*", bufsize=1 << 20) as tf:
-            for member in tf:
-                if member.isfile() and member.name.endswith(suffix):
-                    f = tf.extractfile(member)
-                    if f is not None:
-                        write_bytes_atomic(target, f.read())
-                    break
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise IlaError(f"{archive}: cannot read the BIG-bench archive ({e}); delete it to download it again") \
-            from None
-    if not target.is_file():
-        raise IlaError(f"{archive}: no member ending in {suffix}, expected BIG-bench's truthful_qa MC data")
-    return target
-
-
-def _read_task_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IlaError(f"{path}: unreadable BIG-bench task file ({e}); delete it to extract it again") from None
-    if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
-        raise IlaError(f"{path}: field 'examples' missing or not a list, expected a BIG-bench task")
-    return data
+    return bigbench.member_file(_TRUTHFUL_QA_MC)
 
 
 def bigbench_tasks(spec: str) -> list[tuple[str, Path, dict[str, Any]]]:
     """The `(subtask name, task file, task data)` triples of a `bigbench:TASK[/SUBTASK,...]` SPEC.
 
-    Like `ila.data.bigbench_task_files`, plus `bigbench:truthful_qa`, whose data is `task_mc.json`.
+    Like `ila.bigbench.task_files`, plus `bigbench:truthful_qa`, whose data is `task_mc.json`.
     """
-    from ila.data import _parse_bigbench, bigbench_task_files
-
-    task, selectors = _parse_bigbench(spec)
+    task, selectors = bigbench.parse_spec(spec)
     if task == "truthful_qa":
         if selectors:
             raise IlaError(f"task {spec!r}: truthful_qa has no subtasks, use 'bigbench:truthful_qa'")
         files = [("truthful_qa", truthful_qa_mc_file())]
     else:
-        files = bigbench_task_files(spec)
-    return [(name, path, _read_task_json(path)) for name, path in files]
+        files = bigbench.task_files(spec)
+    return [(name, path, bigbench.read_task(path)) for name, path in files]
 
 
 def bigbench_prompt(meta: Mapping[str, Any], text: str, choices: Sequence[str] = (), *, seed: int = 0) -> str:
@@ -279,10 +245,8 @@ def mc_docs(spec: str, *, limit: int | None = None, seed: int = 0) -> list[dict[
 
     LIMIT keeps a seeded random subset spread evenly over the subtasks (each keeps its order).
     """
-    from ila.data import BIGBENCH_PREFIX, _sample_evenly
-
     spec = READY_TASKS.get(spec, spec)
-    if spec.startswith(BIGBENCH_PREFIX):
+    if spec.startswith(bigbench.PREFIX):
         groups = [_docs_from_task(name, data, seed, f"bigbench {name} ({path.name})")
                   for name, path, data in bigbench_tasks(spec)]
         if not any(groups):
@@ -296,11 +260,7 @@ def mc_docs(spec: str, *, limit: int | None = None, seed: int = 0) -> list[dict[
         groups = list(by_subtask.values())
     if limit is None:
         return [d for g in groups for d in g]
-    return _sample_evenly(groups, limit, seed)
-
-
-def _slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", spec).strip("_")[:60] or "task"
+    return bigbench.sample_evenly(groups, limit, seed)
 
 
 def write_task_file(name: str, docs: Sequence[Mapping[str, Any]]) -> Path:
@@ -308,7 +268,8 @@ def write_task_file(name: str, docs: Sequence[Mapping[str, Any]]) -> Path:
     from ila.assets import cache_dir
 
     data = "".join(json.dumps(dict(d), ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
-    path = cache_dir() / TASK_DIR / f"{_slug(name)}-{hashlib.sha256(data).hexdigest()[:12]}.jsonl"
+    stem = slug(name, keep="", empty="task")
+    path = cache_dir() / TASK_DIR / f"{stem}-{hashlib.sha256(data).hexdigest()[:12]}.jsonl"
     if not path.is_file():
         write_bytes_atomic(path, data)
     return path
@@ -344,9 +305,7 @@ def task_config(task_name: str, data_file: Path) -> dict[str, Any]:
 
 
 def _kind(spec: str) -> str:
-    from ila.data import BIGBENCH_PREFIX
-
-    if spec in READY_TASKS or spec.startswith(BIGBENCH_PREFIX):
+    if spec in READY_TASKS or spec.startswith(bigbench.PREFIX):
         return "bigbench"
     suffix = Path(spec).suffix.lower()
     if suffix in _LOCAL_SUFFIXES:
@@ -502,7 +461,7 @@ def multiple_choice(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks:
     for spec in tasks:
         if _kind(spec) in ("bigbench", "file"):
             docs = mc_docs(spec, limit=limit, seed=seed)
-            name = f"ila_{_slug(READY_TASKS.get(spec, spec))}"
+            name = "ila_" + slug(READY_TASKS.get(spec, spec), keep="", empty="task")
             while name in {n for n, _ in local.values()}:
                 name += "_"
             local[spec] = (name, write_task_file(name, docs))

@@ -1,196 +1,87 @@
-"""The ILA job (seeds/000 Alg. 1): data → model → stage 1 → stage 2 → ranking → run folder.
+"""ILA (seeds/000 Alg. 1): learn a gate σ(sᵢ) on each layer's stage-1 update; the scores sᵢ rank the layers.
 
-Run folder::
-
-    DIR/ranking.json       scores, gates and metadata (written last: its presence means the run finished)
-    DIR/heatmap.png        scores per (role, block), top 75 % marked
-    DIR/adapter/           the stage-1 PEFT LoRA adapter (LoRA stage 1)
-    DIR/delta.safetensors  the stage-1 update θ_t − θ₀ of the gated layers (full stage 1)
-    DIR/milestones/        ranking_<fraction>.json per stage-1 milestone, when asked for
-    DIR/checkpoints/       Trainer checkpoints of stage 1 (for --resume)
+Stage 1 (the update, `stage1.py`) is prepared by the identify job; this file fits the gates (stage 2,
+`stage2.py`) until they settle. Options live under `ila:` in the YAML config.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import platform
-import shutil
-import time
-from importlib import metadata as importlib_metadata
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-from peft import PeftModel, get_peft_model_state_dict
-from safetensors import safe_open
-from safetensors.torch import save_file
-from transformers import set_seed
-
-from ila.config import IdentifyConfig, to_dict
-from ila.data import DEFAULT_DATA, build_dataset, collate, load_examples, split_train_heldout
-from ila.errors import IlaError, first_line
-from ila.importance.stage1 import run_stage1
-from ila.importance.stage2 import run_stage2
-from ila.io import check_output_folder
-from ila.layers import LayerId, base_model_of, discover_layers
-from ila.models import load_model, model_label
-from ila.ranking import Ranking
-from ila.report import plot_heatmap
-
-log = logging.getLogger(__name__)
-
-PACKAGES = ("ila", "torch", "transformers", "peft", "accelerate", "datasets")
+from ila.errors import IlaError
+from ila.importance.base import NEEDS_DATA, NEEDS_MODEL, NEEDS_UPDATE, ImportanceMethod, Inputs, Scores, register
+from ila.options import finite, fraction, non_negative, one_of, option, positive
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages a ranking depends on, for run metadata."""
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+@dataclass
+class IlaOptions:
+    """Stage 2: one score per layer, gate σ(s) on its update (Eq. 5–7), under the budget H (Def. 2)."""
+
+    max_steps: int = option(200, "stage-2 step cap (stage 2 stops earlier once settled)", check=positive,
+                            flag="--stage2-steps")
+    batch_size: int = option(4, "stage-2 per-device batch size", check=positive)
+    learning_rate: float = option(0.2, "AdamW learning rate of the scores", check=positive)
+    data: str = option("train", "split the gates are fitted on (and the probe set drawn from)",
+                       check=one_of("train", "heldout"), flag="--stage2-data")
+    init_score: float = option(4.0, "initial score s₀ of every layer (App. C.4)", check=finite, flag=True)
+    budget: float = option(0.75, "budget H as a fraction of the layers: Σσ(sᵢ) ≤ H·N (Def. 2)", check=fraction,
+                           flag=True)
+    budget_weight: float = option(0.01, "λ of the hinge penalty λ·max(0, Σσ(sᵢ) − H·N)", check=non_negative)
+    probe_examples: int = option(16, "fixed examples the settle rule takes the objective on", check=positive,
+                                 flag="--stage2-probe")
+    interval: int = option(5, "steps between two checks of the settle rule", check=positive)
+    tolerance: float = option(5e-3, "settled when the relative change of the probe objective between checks stays "
+                              "below this...", check=positive, flag="--stage2-tolerance")
+    order_tolerance: float = option(0.01, "...and 1 − Spearman ρ between the scores of consecutive checks stays below "
+                                    "this", check=positive)
+    patience: int = option(2, "consecutive settled checks required", check=positive)
+    min_steps: int = option(10, "never stop stage 2 before this step", check=non_negative)
 
 
-def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = False) -> Ranking:
-    """Rank the linear layers of `config.model` for fine-tuning on `config.data`; write the run folder `out`."""
-    config.validate()
-    out = Path(out)
-    if config.adapter and (config.stage1.method != "lora" or config.stage1.milestones or resume):
-        raise IlaError("--adapter runs stage 2 alone: it takes no --method full, --milestones or --resume")
-    check_output_folder(out, "ranking.json", resume=resume)
-    started = time.perf_counter()
-    set_seed(config.seed)
-    examples = load_examples(config.data, max_examples=config.max_examples, seed=config.seed)  # fail fast
-    model, tokenizer = load_model(config.model, trust_remote_code=False)
-    layers = discover_layers(model, config.lora.target_roles)
-    linear_layers = len(discover_layers(model))
-    if config.adapter:
-        model, layers = _load_adapter(model, layers, config.adapter)
-    dataset = build_dataset(examples, tokenizer, max_length=config.max_length)
-    train, heldout = split_train_heldout(dataset, heldout_fraction=config.heldout_fraction, seed=config.seed)
-    collator = collate(tokenizer)
-    timings: dict[str, float] = {"load_s": time.perf_counter() - started}
-    out.mkdir(parents=True, exist_ok=True)
-    meta: dict = {
-        "model": model_label(config.model),
-        "data": config.data or DEFAULT_DATA,
-        "seed": config.seed,
-        "method": "stage2-on-adapter" if config.adapter else f"ila-{config.stage1.method}",
-        "ranked_layers": len(layers),
-        "ranked_layer_fraction": len(layers) / linear_layers,  # stage 1 trains exactly the ranked layers
-        "train_examples": len(train),
-        "heldout_examples": len(heldout),
-        "epsilon": config.stage1.epsilon,
-        "config": to_dict(config),
-        "versions": package_versions(),
+def split_and_probe(train, heldout, options: IlaOptions, seed: int):
+    """The split stage 2 fits the gates on (`options.data`) and its seeded probe set of `probe_examples`."""
+    split = train if options.data == "train" else heldout
+    if split is None or len(split) == 0:
+        raise IlaError(f"ila.data: the {options.data} split is empty (raise heldout_fraction or use train)")
+    return split, split.shuffle(seed=seed).select(range(min(options.probe_examples, len(split))))
+
+
+def check(config) -> None:
+    """Fitting the gates on the held-out split needs one."""
+    if config.options().data == "heldout" and config.heldout_fraction == 0:
+        raise IlaError("ila.data: 'heldout' needs heldout_fraction > 0")
+
+
+def score(inputs: Inputs) -> Scores:
+    """Stage 2 on the stage-1 update; the scores are the gate logits sᵢ."""
+    from ila.importance.stage2 import run_stage2
+
+    options: IlaOptions = inputs.options
+    split, probe = split_and_probe(inputs.train, inputs.heldout, options, inputs.config.seed)
+    s2 = run_stage2(inputs.update.model, inputs.layers, split, probe, inputs.collator, options, inputs.work_dir,
+                    seed=inputs.config.seed, initial=inputs.update.initial, report_to=inputs.config.report_to,
+                    bf16=inputs.config.dtype == "bfloat16")
+    metadata = {
+        "stage2_steps": s2.steps,
+        "stage2_settled_step": s2.settled_step,
+        "stage2_probe_examples": len(probe),
+        "stage2_checks": s2.checks,
+        "stage2_final_loss": s2.losses[-1] if s2.losses else None,
+        "stage2_losses": s2.losses,
+        "stage2_task_losses": s2.task_losses,
+        "stage2_penalties": s2.penalties,
+        "stage2_cost": s2.cost,
     }
-
-    initial = None
-    milestones: list = []
-    if config.adapter:
-        shutil.copytree(config.adapter, out / "adapter", dirs_exist_ok=True)
-        meta.update(adapter=str(config.adapter), stability_step=None, stage1_steps=0)
-    else:
-        t = time.perf_counter()
-        set_seed(config.seed)
-        s1 = run_stage1(model, layers, train, collator, config, out / "checkpoints", probe_dataset=heldout,
-                        resume=resume)
-        timings["stage1_s"] = time.perf_counter() - t
-        model, initial, milestones = s1.model, s1.initial, s1.milestones
-        meta.update(stability_step=s1.stability_step, stage1_steps=s1.steps, stage1_cost=s1.cost,
-                    stage1_final_loss=s1.losses[-1] if s1.losses else None, stage1_probe_losses=s1.probe_losses)
-        missing = sorted(set(config.stage1.milestones) - {f for f, _, _ in milestones})
-        if missing:  # after the ε-stop, or before the step a resumed run started from
-            log.warning("no snapshot for milestones %s: stage 1 did not pass their steps in this process", missing)
-            meta["milestones_missing"] = missing
-        _save_update(model, layers, initial, out)
-
-    for fraction, step, weights in milestones:
-        current = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
-        _load_weights(model, weights)
-        set_seed(config.seed)
-        s2 = run_stage2(model, layers, train, collator, config, out / "stage2", initial=initial)
-        _load_weights(model, current)
-        ranking = _ranking(layers, s2.scores, {**meta, "milestone": fraction, "milestone_step": step})
-        ranking.save(out / "milestones" / f"ranking_{fraction:g}.json")
-
-    t = time.perf_counter()
-    set_seed(config.seed)
-    s2 = run_stage2(model, layers, train, collator, config, out / "stage2", initial=initial)
-    timings["stage2_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - started
-    meta.update(stage2_steps=len(s2.losses), stage2_cost=s2.cost,
-                stage2_final_loss=s2.losses[-1] if s2.losses else None, timings=timings)
-    ranking = _ranking(layers, s2.scores, meta)
-    plot_heatmap(ranking, out / "heatmap.png", title=f"ILA scores: {meta['model']} on {meta['data']}")
-    shutil.rmtree(out / "stage2", ignore_errors=True)
-    ranking.save(out / "ranking.json")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # kept only to resume an unfinished run
-    return ranking
+    # Ties go to the layer whose update lowers the loss more at the final gates: −∂L/∂γᵢ.
+    return Scores(s2.scores, metadata, tiebreak=[-g for g in s2.gate_gradient], gates=True)
 
 
-def _ranking(layers: list[LayerId], scores: list[float], meta: dict) -> Ranking:
-    if not all(math.isfinite(s) for s in scores):
-        raise IlaError("stage 2 diverged (non-finite scores); lower stage2.learning_rate or check the data")
-    return Ranking.from_scores(layers, scores, meta)
-
-
-def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-
-
-def _save_update(model, layers: list[LayerId], initial, out: Path) -> None:
-    """Stage-1 adapter (LoRA) or ΔW = θ_t − θ₀ of the gated layers (full), as safetensors."""
-    if initial is None:
-        model.save_pretrained(out / "adapter")
-        return
-    base = base_model_of(model)
-    delta = {}
-    for layer in layers:
-        for pname, p in base.get_submodule(layer.name).named_parameters(recurse=False):
-            delta[f"{layer.name}.{pname}"] = (p.detach() - initial[layer.name][pname].to(p.device)).contiguous().cpu()
-    save_file(delta, str(out / "delta.safetensors"))
-
-
-def _load_adapter(model, layers: list[LayerId], adapter: str | Path):
-    """Load a trained PEFT LoRA adapter for stage 2 alone; return the PEFT model and the layers it adapts."""
-    adapter = Path(adapter)
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise IlaError(f"adapter {adapter}: no adapter_config.json (expected a PEFT adapter folder)")
-    try:
-        adapter_config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IlaError(f"adapter {adapter}: adapter_config.json is not valid JSON ({exc})") from None
-    if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
-        kind = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
-        raise IlaError(f"adapter {adapter}: peft_type {kind!r}, expected 'LORA'")
-    if adapter_config.get("use_dora"):
-        raise IlaError(f"adapter {adapter}: DoRA adapters are not supported (the gate assumes ΔW = β·B·A)")
-    weights_file = adapter / "adapter_model.safetensors"
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-        with safe_open(str(weights_file), "pt") as f:
-            saved = set(f.keys())
-    except Exception as exc:  # noqa: BLE001 - PEFT, safetensors and torch raise many types for a bad adapter
-        reason = first_line(exc)[:200]
-        raise IlaError(f"adapter {adapter}: does not match the model or is unreadable ({reason})") from None
-    expected = set(get_peft_model_state_dict(peft_model))
-    if saved != expected:
-        extra, missing = sorted(saved - expected), sorted(expected - saved)
-        what = f"weight {extra[0]} has no matching layer" if extra else f"no weight for {missing[0]}"
-        raise IlaError(f"adapter {adapter}: does not match the model ({what})")
-    base = base_model_of(peft_model)
-    adapted = [layer for layer in layers if hasattr(base.get_submodule(layer.name), "lora_B")]
-    if not adapted:
-        raise IlaError(f"adapter {adapter}: adapts none of the model's linear layers")
-    if all(not torch.any(p) for n, p in peft_model.named_parameters() if "lora_B" in n):
-        raise IlaError(f"adapter {adapter}: is untrained (every lora_B is zero), so no layer's update can be scored")
-    peft_model.eval()
-    return peft_model, adapted
+register(ImportanceMethod(
+    name="ila",
+    summary="learned gate σ(sᵢ) on each layer's stage-1 update under a budget (seeds/000 Alg. 1)",
+    needs=frozenset({NEEDS_MODEL, NEEDS_DATA, NEEDS_UPDATE}),
+    score=score,
+    options=IlaOptions,
+    title="ILA scores sᵢ",
+    check=check,
+))

@@ -1,8 +1,11 @@
 """ILA stage 1 (seeds/000 Alg. 1, loop body): fine-tune until the loss is ε-stable (Def. 1).
 
+The result is the *update* that update-based importance methods score (ILA's stage 2 among them):
 LoRA (default): a PEFT adapter on the chosen linear layers, ΔWᵢ = β·Bᵢ·Aᵢ (Eq. 4).
 Full fine-tuning: the chosen linear layers train, everything else stays at θ₀, so ΔW = θ_t − θ₀ (Obs. 2) is
-exactly the set of updates stage 2 gates. θ₀ of those layers is kept for stage 2.
+exactly the set of updates stage 2 gates. θ₀ of those layers is kept.
+An update can also be loaded from a trained PEFT LoRA adapter (`load_adapter`), and is saved to the run
+folder as `adapter/` (LoRA) or `delta.safetensors` (full) by `save_update`.
 """
 
 from __future__ import annotations
@@ -11,17 +14,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
 
 from ila.config import IdentifyConfig
-from ila.errors import IlaError
+from ila.errors import IlaError, first_line
 from ila.importance.stability import StabilityCallback, StabilityDetector
+from ila.io import read_json
 from ila.layers import LayerId, base_model_of
 from ila.training import CostCallback, ResponseLossTrainer, training_arguments
+from ila.training.lora import lora_config
 from ila.training.trainer import last_complete_checkpoint
+
+
+@dataclass
+class Update:
+    """A fine-tuned model and the per-layer updates it carries."""
+
+    model: nn.Module  # a PeftModel (LoRA) or the fine-tuned transformers model (full)
+    layers: list[LayerId]  # the layers that carry an update
+    initial: dict[str, dict[str, torch.Tensor]] | None = None  # θ₀ per layer name (full fine-tuning only)
+
+    def delta(self, layer: LayerId) -> torch.Tensor:
+        """ΔW of `layer`'s weight, in the weight's layout: β·B·A (LoRA, Eq. 4) or θ_t − θ₀ (full)."""
+        module = base_model_of(self.model).get_submodule(layer.name)
+        if self.initial is not None:
+            return module.weight.detach() - self.initial[layer.name]["weight"].to(module.weight.device)
+        return module.get_delta_weight("default").detach()
+
+    def base_weight(self, layer: LayerId) -> torch.Tensor:
+        """W₀ of `layer`'s weight."""
+        module = base_model_of(self.model).get_submodule(layer.name)
+        if self.initial is not None:
+            return self.initial[layer.name]["weight"]
+        return module.get_base_layer().weight.detach()
 
 
 @dataclass
@@ -55,14 +84,7 @@ class _MilestoneCallback(TrainerCallback):
 
 def prepare_lora(model: nn.Module, layers: list[LayerId], config: IdentifyConfig) -> nn.Module:
     """Wrap `model` in a PEFT LoRA adapter on exactly `layers`."""
-    peft_config = PeftLoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=[layer.name for layer in layers],
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_config)
+    return get_peft_model(model, lora_config(config.lora, [layer.name for layer in layers]))
 
 
 def prepare_full(model: nn.Module, layers: list[LayerId]) -> dict[str, dict[str, torch.Tensor]]:
@@ -97,7 +119,7 @@ def run_stage1(
     """
     s1 = config.stage1
     initial = None
-    if s1.method == "lora":
+    if s1.update == "lora":
         model = prepare_lora(model, layers, config)
     else:
         initial = prepare_full(model, layers)
@@ -157,3 +179,53 @@ def milestone_schedule(fractions: list[float], max_steps: int) -> dict[int, floa
             raise IlaError(f"stage1.milestones: {steps[step]:g} and {f:g} both fall on step {step} of {max_steps}")
         steps[step] = f
     return steps
+
+
+def save_update(update: Update, out: Path) -> None:
+    """Stage-1 adapter (`out/adapter/`, LoRA) or ΔW = θ_t − θ₀ of the updated layers (`out/delta.safetensors`)."""
+    if update.initial is None:
+        update.model.save_pretrained(out / "adapter")
+        return
+    base = base_model_of(update.model)
+    delta = {}
+    for layer in update.layers:
+        for pname, p in base.get_submodule(layer.name).named_parameters(recurse=False):
+            initial = update.initial[layer.name][pname].to(p.device)
+            delta[f"{layer.name}.{pname}"] = (p.detach() - initial).contiguous().cpu()
+    save_file(delta, str(out / "delta.safetensors"))
+
+
+def load_adapter(model: nn.Module, layers: list[LayerId], adapter: str | Path) -> Update:
+    """A trained PEFT LoRA adapter for `model` as an `Update` on the layers it adapts (one-line errors for an
+    adapter that is not LoRA, is DoRA, does not match the model, or is untrained)."""
+    adapter = Path(adapter)
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise IlaError(f"adapter {adapter}: no adapter_config.json (expected a PEFT adapter folder)")
+    adapter_config = read_json(config_file, f"adapter {adapter}: adapter_config.json")
+    if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
+        kind = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
+        raise IlaError(f"adapter {adapter}: peft_type {kind!r}, expected 'LORA'")
+    if adapter_config.get("use_dora"):
+        raise IlaError(f"adapter {adapter}: DoRA adapters are not supported (the gate assumes ΔW = β·B·A)")
+    weights_file = adapter / "adapter_model.safetensors"
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        with safe_open(str(weights_file), "pt") as f:
+            saved = set(f.keys())
+    except Exception as exc:  # noqa: BLE001 - PEFT, safetensors and torch raise many types for a bad adapter
+        reason = first_line(exc)[:200]
+        raise IlaError(f"adapter {adapter}: does not match the model or is unreadable ({reason})") from None
+    expected = set(get_peft_model_state_dict(peft_model))
+    if saved != expected:
+        extra, missing = sorted(saved - expected), sorted(expected - saved)
+        what = f"weight {extra[0]} has no matching layer" if extra else f"no weight for {missing[0]}"
+        raise IlaError(f"adapter {adapter}: does not match the model ({what})")
+    base = base_model_of(peft_model)
+    adapted = [layer for layer in layers if hasattr(base.get_submodule(layer.name), "lora_B")]
+    if not adapted:
+        raise IlaError(f"adapter {adapter}: adapts none of the model's linear layers")
+    if all(not torch.any(p) for n, p in peft_model.named_parameters() if "lora_B" in n):
+        raise IlaError(f"adapter {adapter}: is untrained (every lora_B is zero), so no layer's update can be scored")
+    peft_model.eval()
+    return Update(peft_model, adapted)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ila.io import atomic_path  # noqa: E402
 from ila.layers import role_order  # noqa: E402
 from ila.ranking import Ranking  # noqa: E402
 
@@ -36,17 +35,13 @@ def plot_heatmap(ranking: Ranking, path: str | Path, *, top: float = 0.75, title
     ax.set_yticks(range(len(roles)), roles, fontsize=8)
     ax.set_xlabel("transformer block")
     ax.set_ylabel("linear layer")
-    ax.set_title(title or "ILA layer importance scores sᵢ", fontsize=10)
-    fig.colorbar(image, ax=ax, label="score sᵢ")
+    ax.set_title(title or "layer importance scores", fontsize=10)
+    fig.colorbar(image, ax=ax, label="score")
     ax.legend(loc="upper right", bbox_to_anchor=(1.0, 1.16), fontsize=7, frameon=False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path

@@ -37,6 +37,7 @@ from ila.models import load_model, model_label
 from ila.ranking import Ranking
 from ila.selection import Selection, parse_select, select_layers
 from ila.training.cost import CostCallback, parameter_count
+from ila.training.lora import lora_config
 from ila.training.trainer import ResponseLossTrainer, last_complete_checkpoint, training_arguments
 
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "adalora": 2e-4, "full": 1e-5}
@@ -99,7 +100,7 @@ def apply_method(model: nn.Module, selection: Selection, config: TrainConfig) ->
             for p in base.get_submodule(name).parameters():
                 p.requires_grad_(name in names)
         return model
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import AdaLoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -111,8 +112,7 @@ def apply_method(model: nn.Module, selection: Selection, config: TrainConfig) ->
             tfinal=int(a.tfinal * config.max_steps), deltaT=a.delta_t, task_type="CAUSAL_LM",
         )
     else:
-        peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                                 target_modules=names, task_type="CAUSAL_LM")
+        peft_config = lora_config(config.lora, names)
     return get_peft_model(model, peft_config)
 
 

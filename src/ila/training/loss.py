@@ -21,8 +21,9 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return cached
 
 
-def response_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the response tokens, equal to transformers' own causal-LM loss.
+def response_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the response tokens (`reduction`: "mean", equal to transformers' own causal-LM loss,
+    or "sum").
 
     Logits are computed only at positions whose next token is a response token in some row
     (`logits_to_keep` with a position tensor, transformers ≥ 4.50): prompts are often long and the
@@ -38,4 +39,4 @@ def response_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.
     else:
         logits = model(**kwargs).logits[:, :-1]
         targets = next_labels
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)

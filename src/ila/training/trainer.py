@@ -28,30 +28,63 @@ class QuietProgressCallback(ProgressCallback):
 class ResponseLossTrainer(Trainer):
     """Trainer whose loss is `response_loss` (+ `extra_loss()` when given).
 
+    Gradient accumulation: the task loss of each micro-batch is its summed token loss divided by the response
+    tokens of the whole optimizer step (the Trainer's `num_items_in_batch`: every micro-batch of the step, every
+    process), so accumulating k micro-batches of b examples gives the gradient of one batch of k·b. The Trainer
+    must then not divide the loss again: `loss_is_scaled_for_ga` says so on the transformers versions that read
+    it, `model_accepts_loss_kwargs` on the earlier 5.x ones (which also makes them count `num_items_in_batch`).
+    `extra_loss()` is added once per optimizer step (1/k per micro-batch).
+
     `frozen_eval=True` keeps the model in eval mode during training steps (no dropout): used by stage 2,
     where only the gate scores learn and the network must behave as at inference.
+    The task loss and the extra term are logged apart (`task_loss`, `penalty`; means over processes and steps).
     """
-
-    # compute_loss returns each micro-batch's mean; the Trainer divides it by the accumulation steps.
-    loss_is_scaled_for_ga = False
 
     def __init__(
         self, *args: Any, extra_loss: Callable[[], torch.Tensor] | None = None, frozen_eval: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(QuietProgressCallback)
         self.extra_loss = extra_loss
         self.frozen_eval = frozen_eval
+        self._parts = {"task_loss": 0.0, "penalty": 0.0}
+        self._parts_steps: set[int] = set()  # optimizer steps the parts sum over since the last log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         if self.frozen_eval:
             model.eval()
-        loss = response_loss(model, inputs)
+        if self.args.n_gpu > 1:  # DataParallel splits the token count per replica; this loss sees the whole batch
+            num_items_in_batch = None
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        k = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        self._parts_steps.add(self.state.global_step)
+        if num_items_in_batch is None:  # no token count: a micro-batch mean, which the Trainer divides by k
+            loss, task_share, extra_scale = response_loss(model, inputs), 1 / k, 1.0
+        else:
+            loss = response_loss(model, inputs, reduction="sum") / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+            task_share, extra_scale = 1.0, 1 / k
+        self._parts["task_loss"] += float(loss.detach()) * task_share
         if self.extra_loss is not None:
-            loss = loss + self.extra_loss()
+            extra = self.extra_loss()
+            self._parts["penalty"] += float(extra.detach()) / k
+            loss = loss + extra * extra_scale
         return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        if "loss" in logs and self._parts_steps:  # a training log: every process calls it at the same step
+            parts = torch.tensor([self._parts["task_loss"], self._parts["penalty"]], device=self.args.device)
+            task, penalty = (self.accelerator.gather(parts[None]).mean(0) / len(self._parts_steps)).tolist()
+            logs["task_loss"] = task
+            if self.extra_loss is not None:
+                logs["penalty"] = penalty
+            self._parts = {"task_loss": 0.0, "penalty": 0.0}
+            self._parts_steps.clear()
+        super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102
         inputs = self._prepare_inputs(inputs)

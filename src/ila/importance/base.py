@@ -1,0 +1,138 @@
+"""The importance-method interface and its registry.
+
+An importance method is one file in `ila/importance/` that calls `register(ImportanceMethod(...))` at import:
+a name, a one-line summary, what it needs, an optional options dataclass (its YAML section, named after the
+method, and its flags) and `score(inputs) -> Scores`. The identify job (`ila.identify`) prepares what the
+method needs, calls `score`, and writes the ranking; the CLI, the API, config validation, ranking metadata,
+the heatmap and `ila compare` learn about methods from this registry alone.
+
+Method files keep heavy imports (torch, transformers, peft) inside `score`, so that listing methods and
+building the command line stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ila.errors import IlaError
+
+# What a method can ask for.
+NEEDS_MODEL = "model"  # the base model and its layers
+NEEDS_DATA = "data"  # tokenised train / held-out examples
+NEEDS_UPDATE = "update"  # a stage-1 update: trained here (stage 1) or given with --adapter
+
+# Modules of this package that are not methods (imported on demand only: they import torch).
+HELPERS = {"base", "job", "stage1", "stage2", "stability"}
+
+
+@dataclass
+class Inputs:
+    """What the identify job hands a method: everything it declared it needs, and its options."""
+
+    config: Any  # IdentifyConfig
+    options: Any  # the method's options dataclass (None if it has none)
+    layers: list  # LayerId of every layer to rank, model order
+    model: Any = None  # the base model; with an update, the tuned model (PEFT LoRA, or fully tuned)
+    tokenizer: Any = None
+    train: Any = None  # datasets.Dataset of tokenised examples
+    heldout: Any = None
+    collator: Any = None
+    update: Any = None  # ila.importance.stage1.Update (with NEEDS_UPDATE)
+    work_dir: Path | None = None  # scratch space inside the run folder, removed at the end
+
+
+@dataclass
+class Scores:
+    """A method's answer: one score per layer of `Inputs.layers` (higher = more important)."""
+
+    scores: list[float]
+    metadata: dict[str, Any] = field(default_factory=dict)  # what the method measured (steps, losses, cost)
+    tiebreak: list[float] | None = None  # orders layers with equal scores (higher first); None: by name hash
+    gates: bool = False  # the scores are gate logits sᵢ (the ranking also stores σ(sᵢ))
+
+
+@dataclass(frozen=True)
+class ImportanceMethod:
+    """One importance method."""
+
+    name: str
+    summary: str  # one line: what it measures
+    needs: frozenset[str]
+    score: Callable[[Inputs], Scores]
+    options: type | None = None  # dataclass of `option(...)` fields
+    title: str = ""  # heatmap title prefix, e.g. "ILA scores sᵢ"
+    level: str = "layer"  # "layer", or "block" for a signal given to every layer of a block
+    check: Callable[[Any], None] | None = None  # raises IlaError for a config the method cannot run with
+
+    def needs_update(self) -> bool:
+        return NEEDS_UPDATE in self.needs
+
+
+_REGISTRY: dict[str, ImportanceMethod] = {}
+_discovered = False
+
+
+def register(method: ImportanceMethod) -> ImportanceMethod:
+    """Add a method to the registry (a method file calls this at import); a name registers once."""
+    import dataclasses
+
+    from ila.config import IdentifyConfig
+
+    if method.level not in ("layer", "block"):
+        raise ValueError(f"method {method.name}: level {method.level!r} is not 'layer' or 'block'")
+    if method.name in {f.name for f in dataclasses.fields(IdentifyConfig)} | {"all"}:
+        raise ValueError(f"method {method.name}: the name is taken by a config key")
+    known = _REGISTRY.get(method.name)
+    if known is not None and known.score.__module__ != method.score.__module__:
+        raise ValueError(f"method {method.name}: already registered by {known.score.__module__}")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method (tests that register a throw-away one)."""
+    _REGISTRY.pop(name, None)
+
+
+def methods() -> dict[str, ImportanceMethod]:
+    """Every registered method by name (the method files of this package are imported once, on first call)."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+            if info.name not in HELPERS:
+                importlib.import_module(f"ila.importance.{info.name}")
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> ImportanceMethod:
+    """The method called `name`; an unknown name is an `IlaError` listing the known ones."""
+    known = methods()
+    if name not in known:
+        hint = " (the stage-1 update is --update lora|full)" if name in ("lora", "full") else ""
+        raise IlaError(f"method: {name!r} is not a known importance method (known: {', '.join(sorted(known))})"
+                       + hint)
+    return known[name]
+
+
+def method_of(metadata: dict[str, Any]) -> str | None:
+    """The method a ranking's metadata names (rankings from before the registry say 'ila-lora', 'ila-full' or
+    'stage2-on-adapter': ILA)."""
+    name = metadata.get("method")
+    if name in ("ila-lora", "ila-full", "stage2-on-adapter"):
+        return "ila"
+    return name if isinstance(name, str) else None
+
+
+def describe() -> str:
+    """One line per method: name, what it measures, what it needs (`ila identify --list-methods`)."""
+    lines = []
+    for name, m in sorted(methods().items()):
+        needs = ", ".join(sorted(m.needs)) or "nothing"
+        lines.append(f"{name:<18} {m.summary} [needs: {needs}; {m.level}-level]")
+    return "\n".join(lines)
