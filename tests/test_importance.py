@@ -175,3 +175,16 @@ def test_a_method_chosen_on_the_command_line_drops_the_files_sections_for_other_
 def test_a_held_out_fixed_set_needs_a_held_out_split():
     with pytest.raises(IlaError, match="ila.data: 'heldout' needs heldout_fraction > 0"):
         load_config(None, {"ila.data": "heldout", "heldout_fraction": 0})
+
+
+def test_update_norm_on_an_adapter_reads_no_data(model_dirs, data_file, tmp_path, capsys):
+    ila_run = tmp_path / "ila"
+    assert main(["identify", "--model", str(model_dirs("llama")), "--data", str(data_file), "--out", str(ila_run),
+                 *FAST]) == 0
+    out = tmp_path / "norm"
+    code = main(["identify", "--model", str(model_dirs("llama")), "--data", str(tmp_path / "missing.jsonl"),
+                 "--method", "update-norm", "--adapter", str(ila_run / "adapter"), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err  # the data file does not exist: it was never read
+    data = json.loads((out / "ranking.json").read_text())
+    assert data["metadata"]["method"] == "update-norm" and data["metadata"]["data"] is None
+    assert all(x["score"] > 0 for x in data["layers"])

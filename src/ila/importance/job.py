@@ -105,7 +105,8 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     check_output_folder(out, "ranking.json", resume=resume)
     started = time.perf_counter()
     # data is read when the method uses it, or to train the stage-1 update it needs
-    loaded = load_inputs(config, with_data=NEEDS_DATA in method.needs or (method.needs_update() and not config.adapter))
+    with_data = NEEDS_DATA in method.needs or (method.needs_update() and not config.adapter)
+    loaded = load_inputs(config, with_data=with_data)
     model, layers, update = loaded.model, loaded.layers, loaded.update
     train, heldout, collator = loaded.train, loaded.heldout, loaded.collator
     linear_layers = loaded.linear_layers
@@ -114,7 +115,7 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     options = config.options()
     meta: dict = {
         "model": model_label(config.model),
-        "data": config.data or DEFAULT_DATA,
+        "data": config.data or DEFAULT_DATA if with_data else None,
         "seed": config.seed,
         "method": method.name,
         "method_config": to_dict(options) if options is not None else {},
@@ -167,8 +168,8 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     timings["score_s"] = time.perf_counter() - t  # for ILA: stage 2
     timings["total_s"] = time.perf_counter() - started
     ranking = make_ranking(method, layers, scored, {**meta, "timings": timings})
-    plot_heatmap(ranking, out / "heatmap.png", title=f"{method.title or method.name}: {meta['model']} on "
-                 f"{meta['data']}")
+    on = f" on {meta['data']}" if meta["data"] else ""
+    plot_heatmap(ranking, out / "heatmap.png", title=f"{method.title or method.name}: {meta['model']}{on}")
     shutil.rmtree(out / "work", ignore_errors=True)
     ranking.save(out / "ranking.json")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # kept only to resume an unfinished run
