@@ -164,7 +164,7 @@ def bad_inputs(tmp_path, model_dir, data_file, finished_run):
         (["identify", *common, "--adapter", other], "other_adapter"),
         (["identify", *common, "--max-steps", "-3"], "stage1.max_steps"),
         (["identify", *common, "--budget", "1.5"], "ila.budget"),
-        (["identify", *common, "--method", "no-such-method"], "known: ila"),
+        (["identify", *common, "--method", "no-such-method"], "not a known importance method (known: "),
         (["identify", *common, "--method", "update-norm", "--stage2-steps", "5"], "options for method 'ila'"),
         (["identify", *common, "--stage2-tolerance", "0"], "ila.tolerance"),
         (["identify", *common, "--stage2-tolerance=-1e-3"], "ila.tolerance"),

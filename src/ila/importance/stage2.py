@@ -163,7 +163,7 @@ def run_stage2(
     )
     try:
         trainer.train()
-        gradient = gate_gradient(model, gates, probe_set, collator, options.batch_size, trainer)
+        gradient = gate_gradient(model, gates, probe_set, collator, options.batch_size, bf16=bf16)
     finally:
         gates.detach()
         del base._modules["ila_gates"]
@@ -182,17 +182,19 @@ def run_stage2(
     )
 
 
-def gate_gradient(model: nn.Module, gates: LayerGates, dataset, collator, batch_size: int,
-                  trainer: ResponseLossTrainer) -> list[float]:
-    """∂L/∂γᵢ of the token-mean task loss over `dataset`, at the current gates (one pass, no update)."""
-    values = gates.gates().detach().clone().requires_grad_(True)
+def gate_gradient(model: nn.Module, gates: LayerGates, dataset, collator, batch_size: int, *,
+                  values: torch.Tensor | None = None, bf16: bool = False) -> list[float]:
+    """∂L/∂γᵢ of the token-mean task loss over `dataset` at gate values `values` (default: the current gates),
+    in eval mode, one pass, no update. The model's own parameters should not require gradients."""
+    values = (gates.gates() if values is None else values).detach().clone().requires_grad_(True)
     tokens = sum(sum(1 for t in row["labels"][1:] if t != -100) for row in dataset)
+    device = next(model.parameters()).device
     model.eval()
     with gates.fixed(values):
         for start in range(0, len(dataset), batch_size):
-            batch = trainer._prepare_inputs(collator([dataset[i] for i in range(start, min(start + batch_size,
-                                                                                               len(dataset)))]))
-            with trainer.compute_loss_context_manager():
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in collator(rows).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = response_loss(model, batch, reduction="sum") / tokens
             loss.backward()
     return values.grad.float().cpu().tolist()
