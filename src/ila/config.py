@@ -168,30 +168,27 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.method not in METHODS:
             raise IlaError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
-        _seed(self.seed)
+        _check("seed", self.seed, seed_range)
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "max_length"):
-            _positive(name, getattr(self, name))
+            _check(name, getattr(self, name), positive)
         if self.learning_rate is not None:
-            _positive("learning_rate", self.learning_rate)
+            _check("learning_rate", self.learning_rate, positive)
         if self.max_examples is not None:
-            _positive("max_examples", self.max_examples)
+            _check("max_examples", self.max_examples, positive)
         for name in ("select_seed", "data_seed"):
             if getattr(self, name) is not None:
-                _seed(getattr(self, name), name)
+                _check(name, getattr(self, name), seed_range)
         if self.train_other is not None and self.method != "full":
             raise IlaError(f"train_other: applies to method full only, not {self.method!r} (adapters train only "
                            "the selected layers)")
-        _non_negative("weight_decay", self.weight_decay)
-        _fraction("warmup_ratio", self.warmup_ratio, allow_zero=True)
-        if not 0 <= self.heldout_fraction < 1:
-            raise IlaError(f"heldout_fraction: {self.heldout_fraction!r} is not in [0, 1)")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise IlaError(f"dtype: {self.dtype!r} is not one of 'float32', 'bfloat16'")
+        _check("weight_decay", self.weight_decay, non_negative)
+        _check("warmup_ratio", self.warmup_ratio, fraction_or_zero)
+        _check("heldout_fraction", self.heldout_fraction, below_one)
+        _check("dtype", self.dtype, one_of("float32", "bfloat16"))
         check_fields(self.lora, "lora.")
         a = self.adalora
-        _positive("adalora.init_r", a.init_r)
-        _positive("adalora.target_r", a.target_r)
-        _positive("adalora.delta_t", a.delta_t)
+        for name in ("init_r", "target_r", "delta_t"):
+            _check(f"adalora.{name}", getattr(a, name), positive)
         if not (0 <= a.tinit < 1 and 0 <= a.tfinal < 1 and a.tinit + a.tfinal < 1):
             raise IlaError(f"adalora.tinit + adalora.tfinal: {a.tinit} + {a.tfinal} must be fractions summing below 1")
         from ila.selection import parse_select
@@ -200,25 +197,11 @@ class TrainConfig:
         return self
 
 
-def _seed(value: int, name: str = "seed") -> None:
-    if not 0 <= value < 2**32:
-        raise IlaError(f"{name}: {value!r} is not in [0, 2**32)")
-
-
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise IlaError(f"{name}: {value!r} must be > 0")
-
-
-def _non_negative(name: str, value: float) -> None:
-    if not value >= 0:
-        raise IlaError(f"{name}: {value!r} must be >= 0")
-
-
-def _fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value <= 1):
-        raise IlaError(f"{name}: {value!r} is not a fraction in {'[0' if allow_zero else '(0'}, 1]")
+def _check(name: str, value: Any, check) -> None:
+    """One field of a config that is not declared with `option(...)`, checked by the same `ila.options` check."""
+    problem = check(value)
+    if problem:
+        raise IlaError(f"{name}: {value!r} {problem}")
 
 
 def read_yaml_mapping(path: str | Path, label: str) -> dict[str, Any]:

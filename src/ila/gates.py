@@ -63,6 +63,11 @@ class LayerGates(nn.Module):
 
     # -- attaching -------------------------------------------------------------------------------------------
 
+    def attach(self, model: nn.Module, initial: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> LayerGates:
+        """Gate a stage-1 update: the LoRA branches of a PEFT model, or with `initial` (θ₀ per layer) the full
+        update θ_t − θ₀."""
+        return self.attach_lora(model) if initial is None else self.attach_full(model, initial)
+
     def attach_lora(self, model: nn.Module, adapter_name: str = "default") -> LayerGates:
         """Gate the LoRA branch of every layer in `self.layers` of a PEFT model."""
         self.detach()

@@ -139,7 +139,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> d
     """Add a flag for every flagged field of `cls` (help from the field); returns `flag_paths`."""
     for flag, _dotted, f, hint in _flagged(cls, prefix):
         kind = _plain(hint)
-        kwargs: dict[str, Any] = {"help": _help(f), "dest": flag[2:].replace("-", "_")}
+        kwargs: dict[str, Any] = {"help": _help(f, kind), "dest": flag[2:].replace("-", "_")}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -159,11 +159,12 @@ def _plain(hint: Any) -> Any:
     return get_origin(hint) or hint
 
 
-def _help(f: dataclasses.Field) -> str:
+def _help(f: dataclasses.Field, kind: Any) -> str:
+    """The field's help, its default, and how a list is written on the command line (`kind`: `_plain` type)."""
     text = f.metadata.get("help", "")
     default = f.default if f.default is not dataclasses.MISSING else None
     if default is not None and default != "" and not isinstance(default, bool):
         text += f" (default {default})"
-    if _plain(f.type) is list or "list" in str(f.type):
+    if kind is list:
         text += "; comma-separated"
     return text.replace("%", "%%")

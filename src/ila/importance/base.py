@@ -2,7 +2,7 @@
 
 An importance method is one file in `ila/importance/` that calls `register(ImportanceMethod(...))` at import:
 a name, a one-line summary, what it needs, an optional options dataclass (its YAML section, named after the
-method, and its flags) and `score(inputs) -> Scores`. The identify job (`ila.identify`) prepares what the
+method, and its flags) and `score(inputs) -> Scores`. The identify job (`importance/job.py`) prepares what the
 method needs, calls `score`, and writes the ranking; the CLI, the API, config validation, ranking metadata,
 the heatmap and `ila compare` learn about methods from this registry alone.
 

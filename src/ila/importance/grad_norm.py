@@ -25,7 +25,7 @@ def score(inputs: Inputs) -> Scores:
     import torch
 
     from ila.layers import base_model_of
-    from ila.training.loss import response_loss
+    from ila.training.loss import batch_losses
 
     options: GradNormOptions = inputs.options
     n = min(options.batches * options.batch_size, len(inputs.train))
@@ -37,15 +37,11 @@ def score(inputs: Inputs) -> Scores:
         p.requires_grad_(False)
     for w in weights:
         w.requires_grad_(True)
-    device = weights[0].device
     totals = torch.zeros(len(weights), dtype=torch.float64)
     batches = 0
     model.eval()
-    for start in range(0, n, options.batch_size):
-        rows = [data[i] for i in range(start, min(start + options.batch_size, n))]
-        batch = {k: v.to(device) for k, v in inputs.collator(rows).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=inputs.config.dtype == "bfloat16"):
-            loss = response_loss(model, batch)
+    for loss in batch_losses(model, data, inputs.collator, options.batch_size,
+                             bf16=inputs.config.dtype == "bfloat16"):
         grads = torch.autograd.grad(loss, weights)
         totals += torch.stack([g.float().pow(2).mean().double().cpu() for g in grads])
         batches += 1

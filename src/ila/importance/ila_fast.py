@@ -34,11 +34,7 @@ def score(inputs: Inputs) -> Scores:
     model = inputs.update.model
     for p in model.parameters():
         p.requires_grad_(False)
-    gates = LayerGates(inputs.layers)
-    if inputs.update.initial is None:
-        gates.attach_lora(model)
-    else:
-        gates.attach_full(model, inputs.update.initial)
+    gates = LayerGates(inputs.layers).attach(model, inputs.update.initial)
     try:
         gradient = gate_gradient(model, gates, data, inputs.collator, options.batch_size,
                                  values=torch.ones(len(inputs.layers)), bf16=inputs.config.dtype == "bfloat16")

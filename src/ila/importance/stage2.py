@@ -34,7 +34,7 @@ from ila.gates import LayerGates
 from ila.layers import LayerId, base_model_of
 from ila.ranking import spearman
 from ila.training import CostCallback, ResponseLossTrainer, training_arguments
-from ila.training.loss import response_loss
+from ila.training.loss import batch_losses
 
 
 @dataclass
@@ -125,11 +125,7 @@ def run_stage2(
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    gates = LayerGates(layers, init_score=options.init_score)
-    if initial is None:
-        gates.attach_lora(model)
-    else:
-        gates.attach_full(model, initial)
+    gates = LayerGates(layers, init_score=options.init_score).attach(model, initial)
     # Registered as a submodule so the Trainer's optimizer (and DDP under accelerate) sees exactly the scores.
     base = base_model_of(model)
     base.add_module("ila_gates", gates)
@@ -188,13 +184,8 @@ def gate_gradient(model: nn.Module, gates: LayerGates, dataset, collator, batch_
     in eval mode, one pass, no update. The model's own parameters should not require gradients."""
     values = (gates.gates() if values is None else values).detach().clone().requires_grad_(True)
     tokens = sum(sum(1 for t in row["labels"][1:] if t != -100) for row in dataset)
-    device = next(model.parameters()).device
     model.eval()
     with gates.fixed(values):
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = {k: v.to(device) for k, v in collator(rows).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = response_loss(model, batch, reduction="sum") / tokens
-            loss.backward()
+        for loss in batch_losses(model, dataset, collator, batch_size, reduction="sum", bf16=bf16):
+            (loss / tokens).backward()
     return values.grad.float().cpu().tolist()

@@ -8,16 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from transformers import TrainerCallback
-
-
-def peak_memory_bytes() -> int:
-    """CUDA max allocated on GPU, else the process's current resident set size."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(psutil.Process().memory_info().rss)
 
 
 def reset_peak_rss() -> bool:
@@ -44,6 +36,11 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
+
+
+def peak_memory_bytes() -> int:
+    """CUDA max allocated on GPU, else the peak RSS since the last `reset_peak_rss` (see `peak_rss_bytes`)."""
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else peak_rss_bytes()
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -79,7 +76,7 @@ class CostCallback(TrainerCallback):
         self.step_ms.append((time.perf_counter() - self._t0) * 1000)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.peak_bytes = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else peak_rss_bytes()
+        self.peak_bytes = peak_memory_bytes()
 
     def tokens_per_second(self, tokens_seen: int | float) -> float:
         """Tokens processed per second of measured step time; `tokens_seen` is the Trainer's running total."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,3 +40,16 @@ def response_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], reduction
         logits = model(**kwargs).logits[:, :-1]
         targets = next_labels
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+
+def batch_losses(model: nn.Module, dataset: Sequence[Mapping], collator: Callable[[list], Mapping], batch_size: int,
+                 *, reduction: str = "mean", bf16: bool = False) -> Iterator[torch.Tensor]:
+    """`response_loss` of each consecutive batch of `dataset` (collated, on the model's device, bf16 autocast when
+    asked), in order, with the graph kept for the caller's backward pass."""
+    device = next(model.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(device) for k, v in collator(rows).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = response_loss(model, batch, reduction=reduction)
+        yield loss  # outside autocast: the caller's backward pass runs as without the helper
