@@ -155,3 +155,32 @@ def test_shipped_identify_config_loads():
     from ila.config import IdentifyConfig
 
     assert load_config(Path(__file__).parent.parent / "configs" / "identify.yaml", {}, IdentifyConfig)
+
+
+def test_a_selection_with_its_own_ranking_trains_by_it_and_runs_no_identify(model_dirs, data_file, tmp_path):
+    """Comparing methods' 'freeze the bottom 25 %': each selection names its method's ranking.json."""
+    from conftest import make_model
+
+    from ila.layers import discover_layers
+    from ila.ranking import Ranking
+
+    layers = discover_layers(make_model("llama"))
+    own = tmp_path / "by_role.json"  # a known ranking: the o_proj and down_proj layers score lowest
+    Ranking.from_scores(layers, [0.0 if x.role in ("o_proj", "down_proj") else 1.0 + x.block for x in layers],
+                        {"method": "toy"}).save(own)
+    config = grid_file(tmp_path, model_dirs("llama"), data_file)
+    config.write_text(config.read_text().replace("seeds: [0, 1]", "seeds: [0]").replace(
+        '''  - {label: "all", select: all}
+  - {label: "w/ ILA", select: "freeze-bottom:0.25"}
+  - {label: "RL", select: "random:0.25", select_seed: 3}''',
+        f'''  - {{label: "w/ toy", select: "freeze-bottom:0.25", ranking: "{own}"}}'''))
+    out = tmp_path / "out"
+    run_experiment(config, out)
+    assert not (out / "rankings").exists()  # no selection needed the grid's own identify run
+    cell = next(out.glob("cells/**/run.json")).parent
+    selection = json.loads((cell / "selection.json").read_text())
+    frozen = {x.name for x in layers} - set(selection["trained"])
+    assert frozen == {x.name for x in layers if x.role in ("o_proj", "down_proj")}
+    config.write_text(config.read_text().replace(str(own), str(tmp_path / "missing.json")))
+    with pytest.raises(IlaError, match=r"selections\[0\].ranking .*missing.json: file not found"):
+        load_grid(config)

@@ -26,6 +26,7 @@ _EXPORTS = {
     "Selection": "ila.selection",
     "compare": "ila.comparison",
     "format_comparison": "ila.comparison",
+    "write_comparison": "ila.comparison",
     "Comparison": "ila.comparison",
     "Ranking": "ila.ranking",
     "LayerScore": "ila.ranking",
@@ -40,6 +41,7 @@ _EXPORTS = {
     "StabilityDetector": "ila.importance.stability",
     "StabilityCallback": "ila.importance.stability",
     "plot_heatmap": "ila.report",
+    "plot_agreement": "ila.report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -118,9 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the cells and the table")
 
     p = sub.add_parser("compare", help="Jaccard of the top fraction and Spearman correlation between rankings",
-                       epilog=EPILOG)
+                       description="Labels each ranking by method · data · seed and prints the Jaccard@top and "
+                       "Spearman matrices (two rankings: the two numbers).", epilog=EPILOG)
     p.add_argument("rankings", nargs="+", type=Path, help="two or more ranking.json files")
     p.add_argument("--top", type=float, default=0.75, help="fraction of layers in each top set (default 0.75)")
+    p.add_argument("--out", type=Path, help="folder to write the matrices to: jaccard.csv, spearman.csv, an "
+                   "annotated heatmap agreement.png, comparison.json")
 
     p = sub.add_parser("demo", help="rank smollm2-135m on two disjoint natural_instructions subsets "
                        "(QASC, MCTACO) and compare",
@@ -161,8 +164,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.out is None:
             raise IlaError("identify: --out is required (the run folder to write)")
         options = {name: getattr(args, name) for name in ila.identify_options() if getattr(args, name) is not None}
-        ranking = ila.identify(args.out, config=args.config, resume=args.resume, **options)
-        print(identify_summary(ranking))
+        result = ila.identify(args.out, config=args.config, resume=args.resume, **options)
+        if isinstance(result, dict):  # --method all
+            for ranking in result.values():
+                print(identify_summary(ranking).split("\n")[0])
+            print()
+            print(ila.format_comparison(ila.compare(list(result.values()), labels=list(result))))
+            print(f"wrote {args.out}/<method>/ranking.json for {len(result)} methods and their comparison: "
+                  f"{args.out / 'agreement.png'}, jaccard.csv, spearman.csv")
+            return 0
+        print(identify_summary(result))
         print(f"wrote {args.out / 'ranking.json'} and {args.out / 'heatmap.png'}")
         return 0
     if args.command == "train":
@@ -187,7 +198,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {table} and {table.with_suffix('.csv')}")
         return 0
     if args.command == "compare":
-        print(ila.format_comparison(ila.compare(args.rankings, top=args.top)))
+        comparison = ila.compare(args.rankings, top=args.top)
+        print(ila.format_comparison(comparison))
+        if args.out is not None:
+            ila.write_comparison(comparison, args.out)
+            print(f"wrote {args.out / 'jaccard.csv'}, {args.out / 'spearman.csv'}, {args.out / 'agreement.png'} "
+                  f"and {args.out / 'comparison.json'}")
         return 0
     if args.command == "demo":
         from ila.demo import run_demo

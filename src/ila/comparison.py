@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import io
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ila.errors import IlaError
+from ila.io import write_json_atomic, write_text_atomic
 from ila.ranking import Ranking
 
 
@@ -17,21 +20,51 @@ class Comparison:
     top: float
     jaccard: list[list[float]]
     spearman: list[list[float]]
+    labels: list[str] | None = None  # short names for tables and plots (default: `names`)
 
 
-def compare(rankings: list[Ranking | str | Path], top: float = 0.75) -> Comparison:
-    """Jaccard@top and Spearman between every pair of rankings (files or `Ranking` objects)."""
+def compare(rankings: list[Ranking | str | Path], top: float = 0.75, labels: list[str] | None = None) -> Comparison:
+    """Jaccard@top and Spearman between every pair of rankings (files or `Ranking` objects); `labels` are short
+    names for the CSV and the plot (default: what made each ranking, `label`)."""
     if len(rankings) < 2:
         raise IlaError("compare: give at least two rankings")
     if not 0 < top <= 1:
         raise IlaError(f"--top: {top!r} is not a fraction in (0, 1]")
     loaded = [r if isinstance(r, Ranking) else Ranking.load(r) for r in rankings]
-    names = [f"{r if not isinstance(r, Ranking) else f'ranking{i + 1}'} ({label(x)})"
-             for i, (r, x) in enumerate(zip(rankings, loaded))]
+    given = labels or [str(r) if not isinstance(r, Ranking) else f"ranking{i + 1}" for i, r in enumerate(rankings)]
+    if len(given) != len(loaded):
+        raise IlaError(f"compare: {len(given)} labels for {len(loaded)} rankings")
+    names = [f"{name} ({label(x)})" for name, x in zip(given, loaded, strict=True)]
     n = len(loaded)
     jac = [[1.0 if i == j else loaded[i].jaccard(loaded[j], top) for j in range(n)] for i in range(n)]
     spr = [[1.0 if i == j else loaded[i].spearman(loaded[j]) for j in range(n)] for i in range(n)]
-    return Comparison(names, top, jac, spr)
+    return Comparison(names, top, jac, spr, labels or _short_labels(loaded))
+
+
+def _short_labels(rankings: list[Ranking]) -> list[str]:
+    """`label` of each ranking, numbered where two are the same."""
+    plain = [label(r) for r in rankings]
+    return [f"{i + 1}: {x}" if plain.count(x) > 1 else x for i, x in enumerate(plain)]
+
+
+def write_comparison(c: Comparison, out: str | Path) -> list[Path]:
+    """Write `jaccard.csv`, `spearman.csv`, `agreement.png` (both matrices, annotated) and `comparison.json`
+    (written last) into the folder `out`; returns the paths."""
+    from ila.report import plot_agreement
+
+    out = Path(out)
+    labels = c.labels or c.names
+    paths = []
+    for name, matrix in (("jaccard", c.jaccard), ("spearman", c.spearman)):
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["", *labels])
+        writer.writerows([[row_label, *(f"{v:.4f}" for v in row)] for row_label, row in zip(labels, matrix,
+                                                                                            strict=True)])
+        paths.append(write_text_atomic(out / f"{name}.csv", text.getvalue()))
+    paths.append(plot_agreement(c, out / "agreement.png", labels=labels))
+    paths.append(write_json_atomic(out / "comparison.json", asdict(c)))
+    return paths
 
 
 def label(ranking: Ranking) -> str:

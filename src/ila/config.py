@@ -85,7 +85,8 @@ class IdentifyConfig:
 
     model: str | None = option(None, MODEL_HELP, flag=True)
     data: str | None = option(None, DATA_HELP, flag=True)
-    method: str = option("ila", "importance method (see --list-methods)", flag=True)
+    method: str = option("ila", "importance method (see --list-methods), or 'all' to run every method on one "
+                         "model and data and compare them", flag=True)
     adapter: str | None = option(None, "trained PEFT LoRA adapter for --model: the stage-1 update, instead of "
                                  "training one", flag=True)
     seed: int = option(0, "seed of the data split, sampling and initialisation", check=seed_range, flag=True)
@@ -101,21 +102,24 @@ class IdentifyConfig:
 
     def validate(self) -> IdentifyConfig:
         """Raise `IlaError` naming the first invalid field."""
-        from ila.importance.base import get_method
+        from ila.importance.base import get_method, method_names
 
         check_fields(self)
-        method = get_method(self.method)
+        names = method_names(self.method)
         for name, options in self.method_options.items():
             check_fields(options, f"{name}.")
-        if method.options is not None and method.name not in self.method_options:
-            self.method_options[method.name] = method.options()
-        if method.check is not None:
-            method.check(self)
+        for name in names:
+            method = get_method(name)
+            if method.options is not None and name not in self.method_options:
+                self.method_options[name] = method.options()
+            if method.check is not None:
+                method.check(self, self.method_options.get(name))
         return self
 
-    def options(self) -> Any:
-        """The running method's options (a dataclass of its file), or None if it has none."""
-        return self.method_options.get(self.method)
+    def options(self, method: str | None = None) -> Any:
+        """The options of `method` (default: the running one) as a dataclass of its file, or None if it has
+        none."""
+        return self.method_options.get(method or self.method)
 
 
 METHODS = ("lora", "qlora", "full", "adalora")
@@ -274,9 +278,9 @@ def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
 def _drop_other_sections(raw: dict[str, Any], method: str) -> None:
     """Remove the option sections of methods other than `method` (a method chosen on the command line
     overrides the file's, and with it the file's sections for other methods)."""
-    from ila.importance.base import methods
+    from ila.importance.base import method_names, methods
 
-    for name in set(raw) & set(methods()) - {method}:
+    for name in set(raw) & set(methods()) - set(method_names(method)):
         del raw[name]
 
 
@@ -291,7 +295,7 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "method_options"}
     sections: dict[str, Any] = {}
     if cls is IdentifyConfig:  # a top-level key named after an importance method holds that method's options
-        from ila.importance.base import get_method, methods
+        from ila.importance.base import method_names, methods
 
         known = methods()
         for name in [k for k in raw if k in known and k not in fields]:
@@ -302,9 +306,9 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str) -> Any:
                 continue
             sections[name] = _build(options_cls, section, where, f"{name}.")
         running = raw.get("method", "ila")
-        if isinstance(running, str):
-            get_method(running)  # an unknown method is named before its options are judged
-        wrong = sorted(set(sections) - {running})
+        # an unknown method is named before its options are judged
+        names = method_names(running) if isinstance(running, str) else [running]
+        wrong = sorted(set(sections) - set(names))
         if wrong:
             raise IlaError(f"{where}{wrong[0]}: options for method {wrong[0]!r}, but the method is {running!r}")
     unknown = sorted(set(raw) - set(fields))

@@ -15,6 +15,7 @@ skipped on re-run. Rankings the selections need come from a given file or from
       - all
       - {label: "LoRA w/ ILA", select: "freeze-bottom:0.25"}
       - {label: "RL 1", select: "random:0.25", select_seed: 1}
+      - {label: "w/ snr", select: "freeze-bottom:0.25", ranking: runs/all/snr/ranking.json}  # its own ranking
     ranking: null                   # ranking.json (or a list, for intersect:F), or null: identify per (model, data)
     identify: {stage1: {max_steps: 40}}   # IdentifyConfig keys for those identify runs
     train: {max_steps: 40}                # TrainConfig keys shared by every cell
@@ -54,7 +55,7 @@ from ila.selection import parse_select
 
 GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train", "eval"}
 EVAL_KEYS = {"mc", "exact", "limit"}
-SELECTION_KEYS = {"label", "select", "select_seed"}
+SELECTION_KEYS = {"label", "select", "select_seed", "ranking"}
 METRICS = [  # (key in the cell summary, column title, format)
     ("heldout_loss", "held-out loss", "{:.4f}"),
     ("perplexity", "perplexity", "{:.3f}"),
@@ -71,6 +72,7 @@ class Selection:
     label: str
     select: str
     select_seed: int | None = None
+    ranking: str | None = None  # this selection's ranking.json (e.g. one importance method's), instead of the grid's
 
 
 @dataclass
@@ -118,7 +120,11 @@ def load_grid(path: str | Path) -> Grid:
             raise IlaError(f"experiment {path}: selections[{i}].select_seed must be an integer")
         if any(slug(label) == slug(other.label) for other in selections):
             raise IlaError(f"experiment {path}: selections[{i}]: label {label!r} repeats another (cells would collide)")
-        selections.append(Selection(label, str(item["select"]), item.get("select_seed")))
+        own = item.get("ranking")
+        if own is not None and not Path(str(own)).is_file():
+            raise IlaError(f"experiment {path}: selections[{i}].ranking {own}: file not found")
+        selections.append(Selection(label, str(item["select"]), item.get("select_seed"),
+                                    str(own) if own is not None else None))
     for key in ("identify", "train", "eval"):
         if not isinstance(raw.get(key, {}), dict):
             raise IlaError(f"experiment {path}: '{key}' must be a mapping of config keys")
@@ -185,7 +191,7 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
                 for sel in grid.selections:
                     for seed in grid.seeds:
                         cell = out / "cells" / slug(model) / slug(data) / method / slug(sel.label) / f"seed{seed}"
-                        needs = rankings if _needs_ranking(sel) else []
+                        needs = ([sel.ranking] if sel.ranking else rankings) if _needs_ranking(sel) else []
                         config = _train_config(grid, model, data, method, sel, seed, needs)
                         _check_cell(cell, config)
                         if not (cell / "run.json").exists():
@@ -202,7 +208,7 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
 
 def _grid_rankings(grid: Grid, model, data, out: Path, run_identify) -> list[str]:
     """The ranking files the grid's selections use for (model, data): given ones, or one identify run."""
-    if not any(_needs_ranking(s) for s in grid.selections):
+    if not any(_needs_ranking(s) and not s.ranking for s in grid.selections):
         return []
     if isinstance(grid.ranking, list):
         return [str(r) for r in grid.ranking]

@@ -124,6 +124,45 @@ def load_model(
                         quantization_config=quantization_config)
 
 
+def model_folder(spec: str | os.PathLike[str] | None = None) -> Path:
+    """The local folder holding SPEC's config and weight files, without loading the model: the dequantised cache
+    of an embedded name or `.gguf` file, a local folder itself, or the hub snapshot of a repo's config and
+    safetensors files (downloaded when online)."""
+    src = _resolve(spec)
+    shown = os.fspath(spec) if spec is not None else DEFAULT_MODEL
+    if src.kind == "embedded":
+        folder = cache_dir() / "models" / src.value
+        if not _is_cached(folder):
+            _dequantise(embedded_gguf_path(src.value), folder, shown)
+        return folder
+    if src.kind == "gguf":
+        folder = cache_dir() / "models" / "gguf" / _gguf_key(Path(src.value))
+        if not _is_cached(folder):
+            _dequantise(Path(src.value), folder, shown)
+        return folder
+    if src.kind == "folder":
+        return Path(src.value)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(src.value, allow_patterns=["*.json", "*.safetensors"],
+                                      local_files_only=_offline()))
+    except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types for a missing or offline repo
+        raise _not_found(src.value) from err
+
+
+def empty_model(folder: Path, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model of `folder`'s config on the meta device: its modules and shapes, no weights in memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise IlaError(f"model {folder}: could not read its config: {first_line(err)}") from err
+
+
 # ----------------------------------------------------------------------------------------------------
 # local folders and GGUF files
 # ----------------------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ from ila.errors import IlaError
 NEEDS_MODEL = "model"  # the base model and its layers
 NEEDS_DATA = "data"  # tokenised train / held-out examples
 NEEDS_UPDATE = "update"  # a stage-1 update: trained here (stage 1) or given with --adapter
+NEEDS_WEIGHTS = "weights"  # the model's safetensors files, read one tensor at a time (no loaded model)
+
+ALL = "all"  # `--method all`: every registered method on one model and data
 
 # Modules of this package that are not methods (imported on demand only: they import torch).
 HELPERS = {"base", "job", "stage1", "stage2", "stability"}
@@ -43,6 +46,8 @@ class Inputs:
     heldout: Any = None
     collator: Any = None
     update: Any = None  # ila.importance.stage1.Update (with NEEDS_UPDATE)
+    weights: Any = None  # ila.models.WeightFiles of the model (with NEEDS_WEIGHTS)
+    tracked: Any = None  # what the method's `track` callback recorded during stage 1
     work_dir: Path | None = None  # scratch space inside the run folder, removed at the end
 
 
@@ -67,10 +72,20 @@ class ImportanceMethod:
     options: type | None = None  # dataclass of `option(...)` fields
     title: str = ""  # heatmap title prefix, e.g. "ILA scores sᵢ"
     level: str = "layer"  # "layer", or "block" for a signal given to every layer of a block
-    check: Callable[[Any], None] | None = None  # raises IlaError for a config the method cannot run with
+    # check(config, options) raises IlaError for a config the method cannot run with
+    check: Callable[[Any, Any], None] | None = None
+    # check_layers(options, layers) raises IlaError for layers the method cannot score (before any training)
+    check_layers: Callable[[Any, list], None] | None = None
+    # track(model, layers) -> a transformers TrainerCallback attached to stage-1 training; the callback reaches
+    # `score` as `inputs.tracked` (a method with `track` needs stage 1 trained here: no --adapter)
+    track: Callable[[Any, list], Any] | None = None
 
     def needs_update(self) -> bool:
         return NEEDS_UPDATE in self.needs
+
+    def needs_training(self) -> bool:
+        """The method watches stage-1 training, so a given adapter cannot stand in for it."""
+        return self.track is not None
 
 
 _REGISTRY: dict[str, ImportanceMethod] = {}
@@ -85,7 +100,9 @@ def register(method: ImportanceMethod) -> ImportanceMethod:
 
     if method.level not in ("layer", "block"):
         raise ValueError(f"method {method.name}: level {method.level!r} is not 'layer' or 'block'")
-    if method.name in {f.name for f in dataclasses.fields(IdentifyConfig)} | {"all"}:
+    if method.track is not None and NEEDS_UPDATE not in method.needs:
+        raise ValueError(f"method {method.name}: tracks stage 1, so it must need an update")
+    if method.name in {f.name for f in dataclasses.fields(IdentifyConfig)} | {ALL}:
         raise ValueError(f"method {method.name}: the name is taken by a config key")
     known = _REGISTRY.get(method.name)
     if known is not None and known.score.__module__ != method.score.__module__:
@@ -108,6 +125,14 @@ def methods() -> dict[str, ImportanceMethod]:
             if info.name not in HELPERS:
                 importlib.import_module(f"ila.importance.{info.name}")
     return dict(_REGISTRY)
+
+
+def method_names(name: str) -> list[str]:
+    """The methods `--method name` runs: every registered one for 'all' (data-free and base-model methods first,
+    then those that score the stage-1 update), else `name` alone."""
+    if name != ALL:
+        return [get_method(name).name]
+    return sorted(methods(), key=lambda n: (methods()[n].needs_update(), n))
 
 
 def get_method(name: str) -> ImportanceMethod:

@@ -46,9 +46,9 @@ def split_and_probe(train, heldout, options: IlaOptions, seed: int):
     return split, split.shuffle(seed=seed).select(range(min(options.probe_examples, len(split))))
 
 
-def check(config) -> None:
+def check(config, options: IlaOptions) -> None:
     """Fitting the gates on the held-out split needs one."""
-    if config.options().data == "heldout" and config.heldout_fraction == 0:
+    if options.data == "heldout" and config.heldout_fraction == 0:
         raise IlaError("ila.data: 'heldout' needs heldout_fraction > 0")
 
 

@@ -11,6 +11,10 @@ Run folder::
     DIR/delta.safetensors  the stage-1 update θ_t − θ₀ of the ranked layers (full stage 1)
     DIR/milestones/        ranking_<fraction>.json per stage-1 milestone, when asked for
     DIR/checkpoints/       Trainer checkpoints of stage 1 (for --resume)
+
+With `--method all`: `DIR/<method>/` holds each method's ranking.json and heatmap.png, `DIR/adapter/` (or
+`delta.safetensors`) the one stage-1 update they share, and `DIR/` their comparison: jaccard.csv,
+spearman.csv, agreement.png and comparison.json (written last).
 """
 
 from __future__ import annotations
@@ -27,7 +31,17 @@ from typing import Any
 
 from ila.config import IdentifyConfig, to_dict
 from ila.errors import IlaError
-from ila.importance.base import NEEDS_DATA, ImportanceMethod, Inputs, Scores, get_method
+from ila.importance.base import (
+    ALL,
+    NEEDS_DATA,
+    NEEDS_MODEL,
+    NEEDS_WEIGHTS,
+    ImportanceMethod,
+    Inputs,
+    Scores,
+    get_method,
+    method_names,
+)
 from ila.io import check_output_folder
 from ila.layers import LayerId
 from ila.ranking import Ranking
@@ -88,38 +102,51 @@ def load_inputs(config: IdentifyConfig, *, with_data: bool = True) -> Loaded:
     return Loaded(model, tokenizer, layers, linear_layers, train, heldout, collate(tokenizer), update)
 
 
-def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = False) -> Ranking:
+def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = False) -> Ranking | dict[str, Ranking]:
     """Rank the linear layers of `config.model` for fine-tuning on `config.data` with `config.method`; write
-    the run folder `out`."""
+    the run folder `out`. With method 'all', every registered method runs on one model and data (the stage-1
+    update trained once and shared), each into `out/<method>/`, and their comparison into `out/`; the return
+    value is then a dict of rankings by method."""
     from transformers import set_seed
 
+    from ila.comparison import compare, write_comparison
     from ila.data import DEFAULT_DATA
     from ila.importance import stage1
     from ila.models import model_label
-    from ila.report import plot_heatmap
 
     config.validate()
-    method = get_method(config.method)
+    chosen = [get_method(name) for name in method_names(config.method)]
+    every = config.method == ALL
     out = Path(out)
-    _check_method_inputs(config, method, resume)
-    check_output_folder(out, "ranking.json", resume=resume)
+    _check_method_inputs(config, chosen, resume, every)
+    check_output_folder(out, "comparison.json" if every else "ranking.json", resume=resume)
+    folder = {m.name: out / m.name if every else out for m in chosen}
+    done = {m.name: Ranking.load(folder[m.name] / "ranking.json") for m in chosen
+            if every and (folder[m.name] / "ranking.json").is_file()}  # finished before a --resume
+    todo = [m for m in chosen if m.name not in done]
     started = time.perf_counter()
-    # data is read when the method uses it, or to train the stage-1 update it needs
-    with_data = NEEDS_DATA in method.needs or (method.needs_update() and not config.adapter)
-    loaded = load_inputs(config, with_data=with_data)
-    model, layers, update = loaded.model, loaded.layers, loaded.update
-    train, heldout, collator = loaded.train, loaded.heldout, loaded.collator
-    linear_layers = loaded.linear_layers
+    weights = None
+    if any(NEEDS_WEIGHTS in m.needs for m in todo):  # before the model: a folder without safetensors fails fast
+        from ila.models import model_folder
+        from ila.weights import WeightFiles
+
+        weights = WeightFiles(model_folder(config.model))
+    # data is read when a method uses it, or to train the stage-1 update one needs
+    with_data = any(NEEDS_DATA in m.needs or (m.needs_update() and not config.adapter) for m in todo)
+    loaded = load_inputs(config, with_data=with_data) if any(NEEDS_MODEL in m.needs for m in todo) else None
+    layers = loaded.layers if loaded is not None else _layers_without_weights(config, weights)
+    linear_layers = loaded.linear_layers if loaded is not None else len(_layers_without_weights(config, weights,
+                                                                                                  roles=False))
+    for m in todo:
+        if m.check_layers is not None:  # before any training
+            m.check_layers(config.options(m.name), layers)
     timings: dict[str, float] = {"load_s": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
-    options = config.options()
-    meta: dict = {
+    train, heldout = (loaded.train, loaded.heldout) if loaded is not None else ([], [])
+    shared: dict = {
         "model": model_label(config.model),
         "data": config.data or DEFAULT_DATA if with_data else None,
         "seed": config.seed,
-        "method": method.name,
-        "method_config": to_dict(options) if options is not None else {},
-        "level": method.level,
         "ranked_layers": len(layers),
         "ranked_layer_fraction": len(layers) / linear_layers,
         "train_examples": len(train),
@@ -128,61 +155,127 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
         "versions": package_versions(),
     }
 
-    milestones: list = []
-    if method.needs_update() and update is not None:
-        shutil.copytree(config.adapter, out / "adapter", dirs_exist_ok=True)
-        meta.update(adapter=str(config.adapter), update="lora", stability_step=None, stage1_steps=0)
-    elif method.needs_update():
-        t = time.perf_counter()
-        set_seed(config.seed)
-        s1 = stage1.run_stage1(model, layers, train, collator, config, out / "checkpoints", probe_dataset=heldout,
-                               resume=resume)
-        timings["stage1_s"] = time.perf_counter() - t
-        update = stage1.Update(s1.model, layers, s1.initial)
-        model, milestones = s1.model, s1.milestones
-        meta.update(update=config.stage1.update, epsilon=config.stage1.epsilon, stability_step=s1.stability_step,
-                    stage1_steps=s1.steps, stage1_cost=s1.cost,
-                    stage1_final_loss=s1.losses[-1] if s1.losses else None, stage1_probe_losses=s1.probe_losses)
-        missing = sorted(set(config.stage1.milestones) - {f for f, _, _ in milestones})
-        if missing:  # after the ε-stop, or before the step a resumed run started from
-            log.warning("no snapshot for milestones %s: stage 1 did not pass their steps in this process", missing)
-            meta["milestones_missing"] = missing
-        stage1.save_update(update, out)
+    def inputs_for(method: ImportanceMethod, model, update=None, tracked=None) -> Inputs:
+        data = NEEDS_DATA in method.needs
+        return Inputs(config=config, options=config.options(method.name), layers=layers, model=model,
+                      tokenizer=loaded.tokenizer if loaded is not None else None,
+                      train=train if data else None, heldout=heldout if data else None,
+                      collator=loaded.collator if loaded is not None else None, update=update, weights=weights,
+                      tracked=tracked, work_dir=folder[method.name] / "work")
 
-    inputs = Inputs(config=config, options=options, layers=layers, model=model, tokenizer=loaded.tokenizer,
-                    train=train if NEEDS_DATA in method.needs else None,
-                    heldout=heldout if NEEDS_DATA in method.needs else None,
-                    collator=collator, update=update, work_dir=out / "work")
-    for fraction, step, weights in milestones:
-        current = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
-        _load_weights(model, weights)
-        set_seed(config.seed)
-        scored = method.score(inputs)
-        _load_weights(model, current)
-        ranking = make_ranking(method, layers, scored, {**meta, "milestone": fraction, "milestone_step": step})
-        ranking.save(out / "milestones" / f"ranking_{fraction:g}.json")
+    rankings = dict(done)
+    model = loaded.model if loaded is not None else None
+    for method in [m for m in todo if not m.needs_update()]:  # before stage 1 changes the model
+        meta = {**shared, "data": shared["data"] if NEEDS_DATA in method.needs else None}
+        rankings[method.name] = _score_and_write(method, inputs_for(method, model), meta, timings, started,
+                                                 folder[method.name])
+
+    update_methods = [m for m in todo if m.needs_update()]
+    if update_methods:
+        update, milestones = loaded.update, []
+        tracked: dict[str, Any] = {}
+        stage1_meta: dict = {}
+        if update is not None:
+            shutil.copytree(config.adapter, out / "adapter", dirs_exist_ok=True)
+            stage1_meta = {"adapter": str(config.adapter), "update": "lora", "stability_step": None,
+                           "stage1_steps": 0}
+        else:
+            t = time.perf_counter()
+            set_seed(config.seed)
+            trackers = {m.name: m.track for m in update_methods if m.track is not None}
+            s1 = stage1.run_stage1(model, layers, train, loaded.collator, config, out / "checkpoints",
+                                   probe_dataset=heldout, resume=resume, trackers=trackers)
+            timings["stage1_s"] = time.perf_counter() - t
+            update, milestones, tracked = stage1.Update(s1.model, layers, s1.initial), s1.milestones, s1.tracked
+            stage1_meta = {"update": config.stage1.update, "epsilon": config.stage1.epsilon,
+                           "stability_step": s1.stability_step, "stage1_steps": s1.steps, "stage1_cost": s1.cost,
+                           "stage1_final_loss": s1.losses[-1] if s1.losses else None,
+                           "stage1_probe_losses": s1.probe_losses}
+            missing = sorted(set(config.stage1.milestones) - {f for f, _, _ in milestones})
+            if missing:  # after the ε-stop, or before the step a resumed run started from
+                log.warning("no snapshot for milestones %s: stage 1 did not pass their steps in this process", missing)
+                stage1_meta["milestones_missing"] = missing
+            stage1.save_update(update, out)
+        for method in update_methods:
+            meta = {**shared, **stage1_meta}
+            inputs = inputs_for(method, update.model, update, tracked.get(method.name))
+            _score_milestones(method, inputs, milestones, meta, folder[method.name])
+            rankings[method.name] = _score_and_write(method, inputs, meta, timings, started, folder[method.name])
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # kept only to resume an unfinished run
+    if not every:
+        return rankings[chosen[0].name]
+    names = [m.name for m in chosen]
+    write_comparison(compare([rankings[n] for n in names], top=NEAR_TIE_CUT, labels=names), out)
+    return {n: rankings[n] for n in names}
+
+
+def _layers_without_weights(config: IdentifyConfig, weights, roles: bool = True) -> list[LayerId]:
+    """The layers of a model that is not loaded: discovered on its meta-device copy (no weights in memory)."""
+    from ila.layers import discover_layers
+    from ila.models import empty_model
+
+    return discover_layers(empty_model(weights.folder), config.lora.target_roles if roles else None)
+
+
+def _score_and_write(method: ImportanceMethod, inputs: Inputs, meta: dict, timings: dict, started: float,
+                     out: Path) -> Ranking:
+    """Score, then write `out/heatmap.png` and `out/ranking.json` (last: its presence means the run finished)."""
+    from transformers import set_seed
+
+    from ila.report import plot_heatmap
 
     t = time.perf_counter()
-    set_seed(config.seed)
+    set_seed(inputs.config.seed)
     scored = method.score(inputs)
-    timings["score_s"] = time.perf_counter() - t  # for ILA: stage 2
-    timings["total_s"] = time.perf_counter() - started
-    ranking = make_ranking(method, layers, scored, {**meta, "timings": timings})
-    on = f" on {meta['data']}" if meta["data"] else ""
+    score_s = time.perf_counter() - t  # for ILA: stage 2
+    own = {"load_s": timings["load_s"], **({"stage1_s": timings["stage1_s"]} if "stage1_s" in timings and
+                                           method.needs_update() else {})}
+    own |= {"score_s": score_s, "total_s": sum(own.values()) + score_s, "wall_s": time.perf_counter() - started}
+    method_meta = {"method": method.name, "level": method.level,
+                   "method_config": to_dict(inputs.options) if inputs.options is not None else {}}
+    ranking = make_ranking(method, inputs.layers, scored, {**meta, **method_meta, "timings": own})
+    on = f" on {meta['data']}" if meta.get("data") else ""
+    out.mkdir(parents=True, exist_ok=True)
     plot_heatmap(ranking, out / "heatmap.png", title=f"{method.title or method.name}: {meta['model']}{on}")
     shutil.rmtree(out / "work", ignore_errors=True)
     ranking.save(out / "ranking.json")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # kept only to resume an unfinished run
     return ranking
 
 
-def _check_method_inputs(config: IdentifyConfig, method: ImportanceMethod, resume: bool) -> None:
-    if config.adapter and not method.needs_update():
-        raise IlaError(f"--adapter: method {method.name!r} uses no stage-1 update")
+def _score_milestones(method: ImportanceMethod, inputs: Inputs, milestones: list, meta: dict, out: Path) -> None:
+    """Rank at each stage-1 milestone snapshot (Table 4): `out/milestones/ranking_<fraction>.json`."""
+    from transformers import set_seed
+
+    model = inputs.update.model
+    for fraction, step, weights in milestones:
+        current = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
+        _load_weights(model, weights)
+        set_seed(inputs.config.seed)
+        scored = method.score(inputs)
+        _load_weights(model, current)
+        method_meta = {"method": method.name, "level": method.level,
+                       "method_config": to_dict(inputs.options) if inputs.options is not None else {}}
+        ranking = make_ranking(method, inputs.layers, scored,
+                               {**meta, **method_meta, "milestone": fraction, "milestone_step": step})
+        ranking.save(out / "milestones" / f"ranking_{fraction:g}.json")
+
+
+def _check_method_inputs(config: IdentifyConfig, chosen: list[ImportanceMethod], resume: bool, every: bool) -> None:
+    updates = [m for m in chosen if m.needs_update()]
+    if config.adapter and not updates:
+        raise IlaError(f"--adapter: method {chosen[0].name!r} uses no stage-1 update")
     if config.adapter and (config.stage1.update != "lora" or config.stage1.milestones or resume):
         raise IlaError("--adapter is the stage-1 update: it takes no --update full, --milestones or --resume")
-    if (config.stage1.milestones or resume) and not method.needs_update():
-        raise IlaError(f"--milestones/--resume apply to stage 1, which method {method.name!r} does not run")
+    trained = [m.name for m in chosen if m.needs_training()]
+    if config.adapter and trained:
+        what = "--method all includes" if every else "method"
+        raise IlaError(f"--adapter: {what} {trained[0]!r}, which watches stage-1 training; train stage 1 here "
+                       f"(drop --adapter){' or run the methods one by one' if every else ''}")
+    if (config.stage1.milestones or resume) and not updates:
+        raise IlaError(f"--milestones/--resume apply to stage 1, which method {chosen[0].name!r} does not run")
+    if every and config.stage1.milestones:
+        raise IlaError("--milestones: rank one method at a time at stage-1 milestones, not --method all")
 
 
 def make_ranking(method: ImportanceMethod, layers: list[LayerId], scored: Scores, meta: dict) -> Ranking:

@@ -10,6 +10,7 @@ folder as `adapter/` (LoRA) or `delta.safetensors` (full) by `save_update`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class Stage1Result:
     cost: dict[str, float]
     cost_steps_ms: list[float]  # wall time of every optimizer step
     milestones: list[tuple[float, int, dict[str, torch.Tensor]]] = field(default_factory=list)
+    tracked: dict[str, TrainerCallback] = field(default_factory=dict)  # the `trackers`' callbacks, by name
 
 
 class _MilestoneCallback(TrainerCallback):
@@ -111,11 +113,13 @@ def run_stage1(
     *,
     probe_dataset=None,
     resume: bool = False,
+    trackers: dict[str, Callable] | None = None,
 ) -> Stage1Result:
     """Train LoRA or the full layers until ε-stable (or `stage1.max_steps`); checkpoints go to `work_dir`.
 
     `probe_dataset` (held-out examples) estimates the expected loss for the stability test; without it the
-    test uses the smoothed training loss (see `ila.importance.stability`).
+    test uses the smoothed training loss (see `ila.importance.stability`). `trackers[name](model, layers)` makes
+    a callback that watches the training (an importance method's `track`); they come back in `tracked`.
     """
     s1 = config.stage1
     initial = None
@@ -132,6 +136,7 @@ def run_stage1(
     cost = CostCallback()
     milestone_steps = milestone_schedule(s1.milestones, s1.max_steps)
     milestones = _MilestoneCallback(model, milestone_steps)
+    tracked = {name: make(model, layers) for name, make in (trackers or {}).items()}
     args = training_arguments(
         work_dir,
         max_steps=s1.max_steps,
@@ -152,7 +157,7 @@ def run_stage1(
         train_dataset=train_dataset,
         eval_dataset=probe,
         data_collator=collator,
-        callbacks=[stability, cost, milestones],
+        callbacks=[stability, cost, milestones, *tracked.values()],
     )
     checkpoint = last_complete_checkpoint(work_dir) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -167,6 +172,7 @@ def run_stage1(
         cost=cost.summary(model, trainer.state.num_input_tokens_seen),
         cost_steps_ms=list(cost.step_ms),
         milestones=milestones.snapshots,
+        tracked=tracked,
     )
 
 

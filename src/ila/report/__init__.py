@@ -1,5 +1,6 @@
-"""Reports: heatmaps of layer scores (PNG)."""
+"""Reports: heatmaps of layer scores and of ranking agreement (PNG)."""
 
+from ila.report.agreement import plot_agreement
 from ila.report.heatmap import plot_heatmap
 
-__all__ = ["plot_heatmap"]
+__all__ = ["plot_agreement", "plot_heatmap"]
