@@ -149,12 +149,16 @@ def test_shipped_grids_load(name):
     assert grid.name == name and grid.selections
 
 
-def test_shipped_identify_config_loads():
+@pytest.mark.parametrize("name", ["identify", "all_methods"])
+def test_shipped_identify_configs_load(name):
     from pathlib import Path
 
     from ila.config import IdentifyConfig
 
-    assert load_config(Path(__file__).parent.parent / "configs" / "identify.yaml", {}, IdentifyConfig)
+    config = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml", {}, IdentifyConfig)
+    if name == "all_methods":  # every method's section, each validated
+        assert config.method == "all" and config.options("shapley").budget == 320
+        assert config.options("block-influence").distance == "cosine"
 
 
 def test_a_selection_with_its_own_ranking_trains_by_it_and_runs_no_identify(model_dirs, data_file, tmp_path):

@@ -3,6 +3,7 @@
 import csv
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
@@ -90,6 +91,24 @@ def test_weight_norm_is_the_mean_over_steps_of_each_layers_trained_weight_norm(u
                            tracked=s1.tracked["weight-norm"]))
     assert scored.scores == pytest.approx([sum(r[i] for r in rows) / 5 for i in range(len(layers))], rel=1e-5)
     assert scored.metadata["tracked_steps"] == 5
+
+
+def test_weight_norm_keeps_the_steps_before_a_resumed_checkpoint(toy, tmp_path):
+    import shutil
+
+    from ila.importance.weight_norm import track
+
+    train, collator = toy
+    layers = discover_layers(deep_model("llama"))
+    config = load_config(None, {"stage1.max_steps": 4, "stage1.save_steps": 2, "stage1.epsilon": 1e-9,
+                                "stage1.learning_rate": 1e-2, "lora.dropout": 0.0})
+    whole = run_stage1(deep_model("llama"), layers, train, collator, config, tmp_path / "a",
+                       trackers={"weight-norm": track}).tracked["weight-norm"].norms
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")  # interrupted after step 2
+    resumed = run_stage1(deep_model("llama"), layers, train, collator, config, tmp_path / "b", resume=True,
+                         trackers={"weight-norm": track}).tracked["weight-norm"].norms
+    assert len(resumed) == 4 and resumed[:2] == whole[:2]  # read back from the checkpoint
+    assert [v for r in resumed for v in r] == pytest.approx([v for r in whole for v in r], rel=1e-4)
 
 
 # -- snr -----------------------------------------------------------------------------------------------------
@@ -223,7 +242,7 @@ def test_shapley_with_two_players_recovers_the_exact_values(level, roles, toy, t
     inputs = _inputs("shapley", layers, {"shapley.level": level, "shapley.examples": 16,
                                          "shapley.batch_size": 16}, update=update, train=train, collator=collator)
     scored = score(inputs)
-    assert scored.metadata["exact"] is True and scored.metadata["permutations"] == 2
+    assert scored.metadata["exact"] is True and scored.metadata["evaluations"] == 4  # all coalitions
     assert scored.metadata["shapley_values"] == pytest.approx(exact, rel=1e-4, abs=1e-6)
     assert scored.metadata["standard_errors"] == [0.0, 0.0]
     for player, indices in enumerate(players):  # every layer of a player carries the player's value
@@ -243,12 +262,31 @@ def test_monte_carlo_shapley_keeps_to_the_budget_and_reports_standard_errors():
         return sum(weights[i] for i in s) + (1.0 if {0, 1} <= s else 0.0)
 
     values, errors, meta = permutation_shapley(value, 8, budget=60, seed=0)
-    assert not meta["exact"] and meta["permutations"] >= 2 and meta["evaluations"] <= 60 == 60 >= len(calls)
+    assert not meta["exact"] and meta["permutations"] >= 2 and meta["evaluations"] <= 60
     assert len(calls) == len(set(calls)) == meta["evaluations"]  # each coalition evaluated once
     assert sum(values) == pytest.approx(value(frozenset(range(8))))  # every permutation's marginals sum to v(N)
     assert values[2:] == pytest.approx(weights[2:])  # additive players: exact from any permutation
     assert errors[2:] == pytest.approx([0.0] * 6, abs=1e-12) and errors[0] > 0 and errors[1] > 0
     assert values == permutation_shapley(value, 8, budget=60, seed=0)[0]  # the seed fixes the permutations
+
+
+@pytest.mark.parametrize("n, budget", [(6, 320), (4, 18), (3, 8)])
+def test_shapley_is_exact_from_all_coalitions_when_they_fit_the_budget(n, budget):
+    """2ⁿ ≤ budget: the values equal the average marginal over all n! orders (and the call returns: a budget
+    between 2ⁿ and n! must not make it sample forever)."""
+    from ila.importance.shapley import permutation_shapley
+
+    g = torch.Generator().manual_seed(n)
+    table = {frozenset(s): float(torch.randn(1, generator=g)) if s else 0.0
+             for k in range(n + 1) for s in itertools.combinations(range(n), k)}
+    values, errors, meta = permutation_shapley(table.__getitem__, n, budget=budget, seed=0)
+    by_orders = [0.0] * n
+    orders = list(itertools.permutations(range(n)))
+    for order in orders:
+        for k, player in enumerate(order):
+            by_orders[player] += (table[frozenset(order[:k + 1])] - table[frozenset(order[:k])]) / len(orders)
+    assert meta["exact"] and meta["evaluations"] == 2 ** n and errors == [0.0] * n
+    assert values == pytest.approx(by_orders, abs=1e-9)
 
 
 def test_a_shapley_budget_too_small_for_one_permutation_is_refused_before_training(model_dirs, data_file, tmp_path,
@@ -301,6 +339,22 @@ def test_method_all_runs_every_method_on_one_shared_update_and_compares_them(mod
                  "--out", str(out)]) == 2
 
 
+def test_method_all_resume_keeps_finished_methods_of_the_same_settings(model_dirs, data_file, tmp_path, capsys):
+    out = tmp_path / "all"
+    args = ["identify", "--method", "all", "--model", str(model_dirs("llama")), "--data", str(data_file),
+            "--out", str(out), "--shapley-budget", "40", *FAST]
+    assert main(args) == 0
+    (out / "comparison.json").unlink()  # as if it stopped while scoring ila-fast
+    shutil.rmtree(out / "ila-fast")
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("*/ranking.json")}
+    assert main(args) == 2 and "unfinished --method all run" in capsys.readouterr().err
+    assert main([*args, "--resume", "--seed", "1"]) == 2
+    assert "was made with seed=0, not 1" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept and (out / "ila-fast" / "ranking.json").is_file()
+    assert (out / "comparison.json").is_file() and (out / "blocks" / "jaccard.csv").is_file()
+
+
 def test_method_all_with_an_adapter_refuses_methods_that_need_training(model_dirs, data_file, tmp_path, capsys):
     ila_run = tmp_path / "ila"
     assert main(["identify", "--model", str(model_dirs("llama")), "--data", str(data_file), "--out", str(ila_run),
@@ -313,22 +367,6 @@ def test_method_all_with_an_adapter_refuses_methods_that_need_training(model_dir
     assert code == 2 and len(err.splitlines()) == 1
     assert "--method all includes 'weight-norm', which watches stage-1 training" in err
     assert not out.exists()
-
-
-def test_an_untrained_adapter_gives_update_methods_nothing_to_score(model_dirs, data_file, tmp_path, capsys):
-    from peft import get_peft_model
-
-    from ila.training.lora import lora_config
-
-    model = LlamaForCausalLM.from_pretrained(model_dirs("llama"))
-    layers = discover_layers(model)
-    get_peft_model(model, lora_config(load_config(None).lora, [x.name for x in layers])).save_pretrained(
-        tmp_path / "fresh")  # lora_B = 0: no update yet
-    out = tmp_path / "norm"
-    code = main(["identify", "--method", "update-norm", "--adapter", str(tmp_path / "fresh"), "--model",
-                 str(model_dirs("llama")), "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "is untrained (every lora_B is zero)" in err and not (out / "ranking.json").exists()
 
 
 def test_compare_out_writes_the_matrices_as_csv_and_an_annotated_heatmap(tmp_path, capsys):
@@ -353,3 +391,24 @@ def test_compare_out_writes_the_matrices_as_csv_and_an_annotated_heatmap(tmp_pat
             assert float(rows[1 + i][1 + j]) == pytest.approx(want, abs=1e-4)
     assert (out / "agreement.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "comparison.json").read_text())["top"] == 0.75
+
+
+def test_compare_at_block_level_ranks_blocks_by_their_layers_mean_rank(tmp_path, capsys):
+    """A layer-level signal against a block-level reference: both reduced to block orders."""
+    layers = discover_layers(deep_model("llama"))  # 4 blocks × 7 roles
+    # layer scores: block 2 holds the top 7 layers, block 0 the next, then 3, then 1 (scales differ by role)
+    place = {2: 3, 0: 2, 3: 1, 1: 0}
+    layer_level = Ranking.from_scores(layers, [(place[x.block] + 0.01 * i) * (1 + 9 * (x.role == "q_proj"))
+                                               for i, x in enumerate(layers)], {"method": "a"})
+    block_level = Ranking.from_scores(layers, [float(place[x.block]) for x in layers], {"method": "b"})
+    blocks = layer_level.by_block()
+    assert [x.name for x in blocks.ordered()] == ["block 2", "block 0", "block 3", "block 1"]
+    assert [x.name for x in block_level.by_block().ordered()] == ["block 2", "block 0", "block 3", "block 1"]
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    layer_level.save(paths[0])
+    block_level.save(paths[1])
+    assert main(["compare", *map(str, paths), "--level", "block", "--top", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "jaccard@0.5 = 1.000 (block orders)" in printed and "spearman = 1.000 (block orders)" in printed
+    assert main(["compare", *map(str, paths)]) == 0  # layer orders differ inside the blocks
+    assert "spearman = 1.000" not in capsys.readouterr().out

@@ -39,8 +39,9 @@ def identify(
     config: IdentifyConfig | str | Path | None = None,
     resume: bool = False,
     **options: Any,
-) -> Ranking:
+) -> Ranking | dict[str, Ranking]:
     """Rank the linear layers of a model for a dataset with an importance method; write the run folder `out`.
+    With `method="all"`, every method runs on one shared stage-1 update and the result is {method: Ranking}.
 
     `config` is an `IdentifyConfig` or a YAML path; `options` are the CLI's options by their Python names
     (`method`, `model`, `data`, `adapter`, `seed`, `max_steps`, ... and each method's own, e.g. `stage2_steps`;

@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=float, default=0.75, help="fraction of layers in each top set (default 0.75)")
     p.add_argument("--out", type=Path, help="folder to write the matrices to: jaccard.csv, spearman.csv, an "
                    "annotated heatmap agreement.png, comparison.json")
+    p.add_argument("--level", choices=["layer", "block"], default="layer", help="compare layer orders (default) "
+                   "or block orders: each block scores the mean rank of its layers")
 
     p = sub.add_parser("demo", help="rank smollm2-135m on two disjoint natural_instructions subsets "
                        "(QASC, MCTACO) and compare",
@@ -198,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {table} and {table.with_suffix('.csv')}")
         return 0
     if args.command == "compare":
-        comparison = ila.compare(args.rankings, top=args.top)
+        comparison = ila.compare(args.rankings, top=args.top, level=args.level)
         print(ila.format_comparison(comparison))
         if args.out is not None:
             ila.write_comparison(comparison, args.out)

@@ -21,16 +21,23 @@ class Comparison:
     jaccard: list[list[float]]
     spearman: list[list[float]]
     labels: list[str] | None = None  # short names for tables and plots (default: `names`)
+    level: str = "layer"  # "block": the rankings' block orders were compared
 
 
-def compare(rankings: list[Ranking | str | Path], top: float = 0.75, labels: list[str] | None = None) -> Comparison:
+def compare(rankings: list[Ranking | str | Path], top: float = 0.75, labels: list[str] | None = None,
+            level: str = "layer") -> Comparison:
     """Jaccard@top and Spearman between every pair of rankings (files or `Ranking` objects); `labels` are short
-    names for the CSV and the plot (default: what made each ranking, `label`)."""
+    names for the CSV and the plot (default: what made each ranking, `label`). `level="block"` compares the
+    block orders (`Ranking.by_block`), e.g. layer-level signals against a block-level reference."""
     if len(rankings) < 2:
         raise IlaError("compare: give at least two rankings")
     if not 0 < top <= 1:
         raise IlaError(f"--top: {top!r} is not a fraction in (0, 1]")
+    if level not in ("layer", "block"):
+        raise IlaError(f"--level: {level!r} is not 'layer' or 'block'")
     loaded = [r if isinstance(r, Ranking) else Ranking.load(r) for r in rankings]
+    if level == "block":
+        loaded = [r.by_block() for r in loaded]
     given = labels or [str(r) if not isinstance(r, Ranking) else f"ranking{i + 1}" for i, r in enumerate(rankings)]
     if len(given) != len(loaded):
         raise IlaError(f"compare: {len(given)} labels for {len(loaded)} rankings")
@@ -38,7 +45,7 @@ def compare(rankings: list[Ranking | str | Path], top: float = 0.75, labels: lis
     n = len(loaded)
     jac = [[1.0 if i == j else loaded[i].jaccard(loaded[j], top) for j in range(n)] for i in range(n)]
     spr = [[1.0 if i == j else loaded[i].spearman(loaded[j]) for j in range(n)] for i in range(n)]
-    return Comparison(names, top, jac, spr, labels or _short_labels(loaded))
+    return Comparison(names, top, jac, spr, labels or _short_labels(loaded), level)
 
 
 def _short_labels(rankings: list[Ranking]) -> list[str]:
@@ -76,11 +83,14 @@ def label(ranking: Ranking) -> str:
 
 def format_comparison(c: Comparison) -> str:
     """Two rankings: the `jaccard@T = x` and `spearman = y` lines. More: both matrices."""
+    of = " (block orders)" if c.level == "block" else ""
     if len(c.names) == 2:
-        return (f"jaccard@{c.top:g} = {c.jaccard[0][1]:.3f}\nspearman = {c.spearman[0][1]:.3f}\n"
+        return (f"jaccard@{c.top:g} = {c.jaccard[0][1]:.3f}{of}\nspearman = {c.spearman[0][1]:.3f}{of}\n"
                 f"[1] {c.names[0]}\n[2] {c.names[1]}")
     labels = [f"[{i + 1}]" for i in range(len(c.names))]
     lines = [f"{label} {name}" for label, name in zip(labels, c.names, strict=True)]
+    if of:
+        lines.append(f"compared{of}")
     for title, matrix in ((f"jaccard@{c.top:g}", c.jaccard), ("spearman", c.spearman)):
         lines.append("")
         lines.append(f"{title:<14}" + "".join(f"{label:>8}" for label in labels))

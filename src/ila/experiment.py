@@ -156,9 +156,12 @@ def load_grid(path: str | Path) -> Grid:
             for sel in grid.selections:
                 _train_config(grid, model, grid.data[0], method, sel, grid.seeds[0], [], where=f"experiment {path}")
     try:
-        load_config(None, flatten(grid.identify), IdentifyConfig)
+        identify = load_config(None, flatten(grid.identify), IdentifyConfig)
     except IlaError as exc:
         raise IlaError(f"experiment {path}: identify: {exc}") from None
+    if identify.method == "all":
+        raise IlaError(f"experiment {path}: identify.method: 'all' makes one ranking per method; run `ila identify "
+                       "--method all` and give each selection its method's ranking (selections[].ranking)")
     return grid
 
 

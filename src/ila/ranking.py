@@ -101,6 +101,19 @@ class Ranking:
         width = tolerance * (order[0] - order[-1])
         return sum(1 for s in order if abs(s - cut) <= width)
 
+    def by_block(self) -> Ranking:
+        """The blocks ranked: each block scores the mean rank of its layers (average ranks over all layers,
+        scaled to [0, 1]), so layer scores of different scales (roles, methods) weigh alike. Entries are
+        `LayerId("block <b>", b, "block")`; a block-level method's ranking keeps its block order."""
+        ranks = average_ranks([e.score for e in self.entries])
+        scale = max(len(ranks) - 1, 1)
+        members: dict[int, list[float]] = {}
+        for e, r in zip(self.entries, ranks, strict=True):
+            members.setdefault(e.layer.block, []).append((r - 1) / scale)
+        layers = [LayerId(f"block {b}", b, "block") for b in sorted(members)]
+        return Ranking.from_scores(layers, [sum(members[b]) / len(members[b]) for b in sorted(members)],
+                                   {**self.metadata, "level": "block"})
+
     def top(self, fraction: float = 0.75) -> list[LayerId]:
         """The ⌈fraction·N⌉ most important layers."""
         return self.ordered()[: count_of(fraction, len(self.entries))]
@@ -200,7 +213,7 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(union) if union else 1.0
 
 
-def _ranks(values: Sequence[float]) -> list[float]:
+def average_ranks(values: Sequence[float]) -> list[float]:
     """1-based ranks, ties get their average rank."""
     order = sorted(range(len(values)), key=lambda i: values[i])
     ranks = [0.0] * len(values)
@@ -220,7 +233,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
     Written out because it is six lines and SciPy is not otherwise a dependency.
     """
-    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = average_ranks(x), average_ranks(y)
     n = len(rx)
     mx, my = sum(rx) / n, sum(ry) / n
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))

@@ -9,10 +9,15 @@ No training and no update: one forward pass per batch of the base model.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ila.importance.base import NEEDS_DATA, NEEDS_MODEL, ImportanceMethod, Inputs, Scores, register
 from ila.options import one_of, option, positive
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -24,7 +29,8 @@ class BlockInfluenceOptions:
     batch_size: int = option(4, "block-influence: batch size of the forward passes", check=positive)
 
 
-def block_distances(model, dataset, collator, batch_size: int, distance: str = "cosine") -> list[float]:
+def block_distances(model: nn.Module, dataset: Sequence[Mapping], collator: Callable[[list], Mapping],
+                    batch_size: int, distance: str = "cosine") -> list[float]:
     """Mean distance between each decoder block's input and output hidden states over the non-padding tokens."""
     import inspect
     import math

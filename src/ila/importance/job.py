@@ -29,7 +29,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from ila.config import IdentifyConfig, to_dict
+from ila.config import IdentifyConfig, flatten, to_dict
 from ila.errors import IlaError
 from ila.importance.base import (
     ALL,
@@ -109,7 +109,6 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     value is then a dict of rankings by method."""
     from transformers import set_seed
 
-    from ila.comparison import compare, write_comparison
     from ila.data import DEFAULT_DATA
     from ila.importance import stage1
     from ila.models import model_label
@@ -121,9 +120,16 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     _check_method_inputs(config, chosen, resume, every)
     check_output_folder(out, "comparison.json" if every else "ranking.json", resume=resume)
     folder = {m.name: out / m.name if every else out for m in chosen}
-    done = {m.name: Ranking.load(folder[m.name] / "ranking.json") for m in chosen
-            if every and (folder[m.name] / "ranking.json").is_file()}  # finished before a --resume
+    finished = [m.name for m in chosen if every and (folder[m.name] / "ranking.json").is_file()]
+    if finished and not resume:
+        raise IlaError(f"output folder {out}: holds an unfinished --method all run ({finished[0]} finished); pass "
+                       "--resume to continue it, or another --out")
+    done = {name: Ranking.load(folder[name] / "ranking.json") for name in finished}  # kept by --resume
+    for name, ranking in done.items():
+        _check_same_config(ranking, config, folder[name])
     todo = [m for m in chosen if m.name not in done]
+    if every and not todo:  # every method finished; the comparison was not written yet
+        return _write_all(out, chosen, done)
     started = time.perf_counter()
     weights = None
     if any(NEEDS_WEIGHTS in m.needs for m in todo):  # before the model: a folder without safetensors fails fast
@@ -140,6 +146,9 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     for m in todo:
         if m.check_layers is not None:  # before any training
             m.check_layers(config.options(m.name), layers)
+    if weights is not None:
+        for layer in layers:  # every weight is in the files, before any method writes a ranking
+            weights.key_of(layer.name)
     timings: dict[str, float] = {"load_s": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
     train, heldout = (loaded.train, loaded.heldout) if loaded is not None else ([], [])
@@ -170,7 +179,8 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
         rankings[method.name] = _score_and_write(method, inputs_for(method, model), meta, timings, started,
                                                  folder[method.name])
 
-    update_methods = [m for m in todo if m.needs_update()]
+    # methods that watch stage 1 first: their record lives in memory until they are scored
+    update_methods = sorted((m for m in todo if m.needs_update()), key=lambda m: not m.needs_training())
     if update_methods:
         update, milestones = loaded.update, []
         tracked: dict[str, Any] = {}
@@ -203,11 +213,28 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
             rankings[method.name] = _score_and_write(method, inputs, meta, timings, started, folder[method.name])
 
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # kept only to resume an unfinished run
-    if not every:
-        return rankings[chosen[0].name]
+    return _write_all(out, chosen, rankings) if every else rankings[chosen[0].name]
+
+
+def _write_all(out: Path, chosen: list[ImportanceMethod], rankings: dict[str, Ranking]) -> dict[str, Ranking]:
+    """The comparison of every method's ranking: layer orders in `out/`, block orders in `out/blocks/`
+    (where block-level methods, which tie the layers of a block, compare fairly); `out/comparison.json` last."""
+    from ila.comparison import compare, write_comparison
+
     names = [m.name for m in chosen]
-    write_comparison(compare([rankings[n] for n in names], top=NEAR_TIE_CUT, labels=names), out)
+    ordered = [rankings[n] for n in names]
+    write_comparison(compare(ordered, top=NEAR_TIE_CUT, labels=names, level="block"), out / "blocks")
+    write_comparison(compare(ordered, top=NEAR_TIE_CUT, labels=names), out)
     return {n: rankings[n] for n in names}
+
+
+def _check_same_config(ranking: Ranking, config: IdentifyConfig, folder: Path) -> None:
+    """A ranking kept by --resume must come from the configuration being resumed."""
+    saved, wanted = flatten(ranking.metadata.get("config", {})), flatten(to_dict(config))
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if changed:
+        raise IlaError(f"--resume: {folder / 'ranking.json'} was made with {changed[0]}={saved.get(changed[0])!r}, "
+                       f"not {wanted.get(changed[0])!r}; resume with the same settings, or use another --out")
 
 
 def _layers_without_weights(config: IdentifyConfig, weights, roles: bool = True) -> list[LayerId]:
@@ -274,6 +301,9 @@ def _check_method_inputs(config: IdentifyConfig, chosen: list[ImportanceMethod],
                        f"(drop --adapter){' or run the methods one by one' if every else ''}")
     if (config.stage1.milestones or resume) and not updates:
         raise IlaError(f"--milestones/--resume apply to stage 1, which method {chosen[0].name!r} does not run")
+    if config.stage1.milestones and any(m.needs_training() for m in chosen):
+        raise IlaError(f"--milestones: method {next(m.name for m in chosen if m.needs_training())!r} averages over "
+                       "all of stage 1 and has no ranking at a milestone")
     if every and config.stage1.milestones:
         raise IlaError("--milestones: rank one method at a time at stage-1 milestones, not --method all")
 

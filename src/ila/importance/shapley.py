@@ -7,14 +7,15 @@ updates together). v(S) = L(θ₀) − L(θ₀ + Σ_{i∈S} ΔWᵢ): the loss th
 examples, with the updates switched on and off through the gates γᵢ ∈ {0, 1} (`gates.py`). For a random
 permutation π, player i's marginal is v(before_π(i) ∪ {i}) − v(before_π(i)); φᵢ is its mean over permutations
 and the standard error is the marginals' standard deviation / √permutations. Permutations run while the budget
-of loss evaluations allows (each distinct coalition is evaluated once); when every permutation fits, all are
-enumerated and the values are exact.
+of loss evaluations allows (each distinct coalition is evaluated once); when all 2ⁿ coalitions fit the budget,
+the values are computed exactly from them.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ila.errors import IlaError
@@ -26,7 +27,8 @@ from ila.options import one_of, option, positive
 class ShapleyOptions:
     level: str = option("block", "shapley: players are single layers' updates or whole blocks'",
                         check=one_of("layer", "block"), flag="--shapley-level")
-    budget: int = option(320, "shapley: most loss evaluations (a permutation of n players costs up to n + 1)",
+    budget: int = option(320, "shapley: most loss evaluations (a permutation of n players costs up to n + 1; "
+                         "2ⁿ of them give exact values)",
                          check=positive, flag="--shapley-budget")
     examples: int = option(16, "shapley: fixed training examples every loss is measured on", check=positive,
                            flag="--shapley-examples")
@@ -44,53 +46,59 @@ def players_of(layers: list, level: str) -> list[list[int]]:
 
 
 def check_layers(options: ShapleyOptions, layers: list) -> None:
+    """The budget must pay for one permutation: n + 1 loss evaluations for n players."""
     n = len(players_of(layers, options.level))
     if options.budget < n + 1:
+        hint = " or use --shapley-level block" if options.level == "layer" else ""
         raise IlaError(f"shapley.budget: {options.budget} loss evaluations cannot finish one permutation of {n} "
-                       f"{options.level}s (it needs {n + 1}); raise it or use --shapley-level block")
+                       f"{options.level}s (it needs {n + 1}); raise it{hint}")
 
 
-def permutation_shapley(value, n: int, budget: int, seed: int) -> tuple[list[float], list[float | None], dict]:
-    """Shapley values of `n` players under `value(frozenset) -> float`, from permutations while fewer than
-    `budget` distinct coalitions have been evaluated; all n! permutations (exact values) when they fit.
-    Returns (values, standard errors (None from one permutation), metadata)."""
+def permutation_shapley(value: Callable[[frozenset[int]], float], n: int, budget: int,
+                        seed: int) -> tuple[list[float], list[float | None], dict]:
+    """Shapley values of `n` players under `value(coalition)`, with at most `budget` evaluations of `value`.
+
+    When all 2ⁿ coalitions fit the budget the values are exact: φᵢ = Σ_{S ∌ i} |S|!(n−|S|−1)!/n! ·
+    (v(S ∪ {i}) − v(S)). Otherwise random permutations (seeded), each coalition evaluated once, while the next
+    permutation is sure to fit (at most `budget` permutations). Returns (values, standard errors — 0 when
+    exact, None from a single permutation —, metadata)."""
     import torch
 
-    cache: dict[frozenset, float] = {}
+    cache: dict[frozenset[int], float] = {}
 
-    def v(coalition: frozenset) -> float:
+    def v(coalition: frozenset[int]) -> float:
         if coalition not in cache:
             cache[coalition] = value(coalition)
         return cache[coalition]
 
-    exact = math.factorial(n) <= budget and 2 ** n <= budget
-    if exact:
-        orders = itertools.permutations(range(n))
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        orders = (torch.randperm(n, generator=generator).tolist() for _ in itertools.count())
+    if 2 ** n <= budget:
+        values = [0.0] * n
+        for i in range(n):
+            others = [j for j in range(n) if j != i]
+            for size in range(n):
+                weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+                for subset in itertools.combinations(others, size):
+                    s = frozenset(subset)
+                    values[i] += weight * (v(s | {i}) - v(s))
+        return values, [0.0] * n, {"permutations": None, "evaluations": len(cache), "exact": True}
+    generator = torch.Generator().manual_seed(seed)
     marginals: list[list[float]] = [[] for _ in range(n)]
     permutations = 0
-    for order in orders:
-        if not exact and len(cache) + n - 1 > budget and permutations:  # the next one might not finish
-            break
-        coalition: frozenset = frozenset()
+    while permutations == 0 or (len(cache) + n - 1 <= budget and permutations < budget):
+        coalition: frozenset[int] = frozenset()
         before = v(coalition)
-        for player in order:
+        for player in torch.randperm(n, generator=generator).tolist():
             coalition = coalition | {player}
             after = v(coalition)
             marginals[player].append(after - before)
             before = after
         permutations += 1
     values = [sum(m) / permutations for m in marginals]
-    if exact:
-        errors: list[float | None] = [0.0] * n
-    elif permutations > 1:
+    errors: list[float | None] = [None] * n
+    if permutations > 1:
         errors = [math.sqrt(sum((x - mu) ** 2 for x in m) / (permutations - 1) / permutations)
                   for m, mu in zip(marginals, values, strict=True)]
-    else:
-        errors = [None] * n
-    return values, errors, {"permutations": permutations, "evaluations": len(cache), "exact": exact}
+    return values, errors, {"permutations": permutations, "evaluations": len(cache), "exact": False}
 
 
 def score(inputs: Inputs) -> Scores:

@@ -14,9 +14,13 @@ largest weight and its SVD, not the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ila.importance.base import NEEDS_WEIGHTS, ImportanceMethod, Inputs, Scores, register
 from ila.options import option
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -25,7 +29,7 @@ class SnrOptions:
                                "ratio across roles)", flag="--snr-within-role")
 
 
-def weight_snr(weight) -> float:
+def weight_snr(weight: torch.Tensor) -> float:
     """Spectrum's SNR of one weight matrix: (Σ signal σ / Σ noise σ) / σ_max under the Marchenko–Pastur
     threshold from the IQR of its singular values."""
     import torch
@@ -43,15 +47,19 @@ def weight_snr(weight) -> float:
 
 
 def within_role_percentiles(layers: list, values: list[float]) -> list[float]:
-    """Each layer's rank among the layers of its role, as a fraction in [0, 1] (1 = highest value)."""
+    """Each layer's rank among the layers of its role, as a fraction in [0, 1] (1 = highest value; equal values
+    share their average rank)."""
+    from ila.ranking import average_ranks
+
     by_role: dict[str, list[int]] = {}
     for i, layer in enumerate(layers):
         by_role.setdefault(layer.role, []).append(i)
-    out = [0.0] * len(layers)
+    out = [1.0] * len(layers)
     for indices in by_role.values():
-        ordered = sorted(indices, key=lambda i: values[i])
-        for rank, i in enumerate(ordered):
-            out[i] = rank / (len(ordered) - 1) if len(ordered) > 1 else 1.0
+        if len(indices) > 1:
+            ranks = average_ranks([values[i] for i in indices])
+            for i, r in zip(indices, ranks, strict=True):
+                out[i] = (r - 1) / (len(indices) - 1)
     return out
 
 

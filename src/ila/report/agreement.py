@@ -20,7 +20,9 @@ def plot_agreement(comparison, path: str | Path, *, labels: list[str] | None = N
     n = len(labels)
     size = max(3.2, 0.55 * n + 1.6)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.0, size))
-    panels = ((f"Jaccard@{comparison.top:g}", comparison.jaccard, 0.0), ("Spearman ρ", comparison.spearman, -1.0))
+    of = " of block orders" if getattr(comparison, "level", "layer") == "block" else ""
+    panels = ((f"Jaccard@{comparison.top:g}{of}", comparison.jaccard, 0.0),
+              (f"Spearman ρ{of}", comparison.spearman, -1.0))
     for ax, (title, matrix, low) in zip(axes, panels, strict=True):
         grid = np.array(matrix, dtype=float)
         image = ax.imshow(grid, vmin=low, vmax=1.0, cmap="viridis")
