@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Scores every linear layer with an importance method (--method, default ila: "
                        "stage 1 trains LoRA or full fine-tuning until the loss is ε-stable, stage 2 learns one "
                        "gate per layer until it settles). Writes ranking.json, heatmap.png and, for methods that "
-                       "use one, the stage-1 update to --out.", epilog=EPILOG)
+                       "use one, the stage-1 update to --out. --method all runs every method on one shared "
+                       "stage-1 update into --out/<method>/ and compares them.", epilog=EPILOG)
     p.add_argument("--out", type=Path, help="run folder to write (required)")
     p.add_argument("--list-methods", action="store_true", help="list the importance methods and exit")
     p.add_argument("--resume", action="store_true", help="resume stage 1 from the last checkpoint in --out")

@@ -36,6 +36,7 @@ def block_distances(model: nn.Module, dataset: Sequence[Mapping], collator: Call
     import math
 
     import torch
+    from tqdm.auto import tqdm
 
     from ila.layers import find_blocks
 
@@ -59,7 +60,7 @@ def block_distances(model: nn.Module, dataset: Sequence[Mapping], collator: Call
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(dataset), batch_size):
+            for start in tqdm(range(0, len(dataset), batch_size), desc="block-influence: batches", leave=False):
                 rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
                 batch = collator(rows)
                 attention = batch["attention_mask"].to(device).bool()

@@ -63,12 +63,15 @@ def permutation_shapley(value: Callable[[frozenset[int]], float], n: int, budget
     permutation is sure to fit (at most `budget` permutations). Returns (values, standard errors — 0 when
     exact, None from a single permutation —, metadata)."""
     import torch
+    from tqdm.auto import tqdm
 
     cache: dict[frozenset[int], float] = {}
+    progress = tqdm(total=min(2 ** n, budget), desc="shapley: loss evaluations", leave=False)
 
     def v(coalition: frozenset[int]) -> float:
         if coalition not in cache:
             cache[coalition] = value(coalition)
+            progress.update()
         return cache[coalition]
 
     if 2 ** n <= budget:
@@ -80,6 +83,7 @@ def permutation_shapley(value: Callable[[frozenset[int]], float], n: int, budget
                 for subset in itertools.combinations(others, size):
                     s = frozenset(subset)
                     values[i] += weight * (v(s | {i}) - v(s))
+        progress.close()
         return values, [0.0] * n, {"permutations": None, "evaluations": len(cache), "exact": True}
     generator = torch.Generator().manual_seed(seed)
     marginals: list[list[float]] = [[] for _ in range(n)]
@@ -93,6 +97,7 @@ def permutation_shapley(value: Callable[[frozenset[int]], float], n: int, budget
             marginals[player].append(after - before)
             before = after
         permutations += 1
+    progress.close()
     values = [sum(m) / permutations for m in marginals]
     errors: list[float | None] = [None] * n
     if permutations > 1:

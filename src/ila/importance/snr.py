@@ -64,7 +64,10 @@ def within_role_percentiles(layers: list, values: list[float]) -> list[float]:
 
 
 def score(inputs: Inputs) -> Scores:
-    raw = [weight_snr(inputs.weights.weight(layer.name)) for layer in inputs.layers]
+    from tqdm.auto import tqdm
+
+    raw = [weight_snr(inputs.weights.weight(layer.name))
+           for layer in tqdm(inputs.layers, desc="snr: layers", leave=False)]
     meta = {"snr_ranked_within_role": inputs.options.within_role, "snr": raw}
     if inputs.options.within_role:
         return Scores(within_role_percentiles(inputs.layers, raw), meta, tiebreak=raw)
