@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ila.io import atomic_path  # noqa: E402
+from ila.report.figure import save_png  # noqa: E402
 
 
 def plot_agreement(comparison, path: str | Path, *, labels: list[str] | None = None) -> Path:
@@ -34,10 +34,4 @@ def plot_agreement(comparison, path: str | Path, *, labels: list[str] | None = N
         ax.set_yticks(range(n), labels, fontsize=7)
         ax.set_title(title, fontsize=10)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ila.io import atomic_path  # noqa: E402
 from ila.layers import role_order  # noqa: E402
 from ila.ranking import Ranking  # noqa: E402
+from ila.report.figure import save_png  # noqa: E402
 
 
 def plot_heatmap(ranking: Ranking, path: str | Path, *, top: float = 0.75, title: str | None = None) -> Path:
@@ -38,10 +38,4 @@ def plot_heatmap(ranking: Ranking, path: str | Path, *, top: float = 0.75, title
     ax.set_title(title or "layer importance scores", fontsize=10)
     fig.colorbar(image, ax=ax, label="score")
     ax.legend(loc="upper right", bbox_to_anchor=(1.0, 1.16), fontsize=7, frameon=False)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)
