@@ -106,21 +106,10 @@ def load_model(
     """
     src = _resolve(spec)
     shown = os.fspath(spec) if spec is not None else DEFAULT_MODEL
-    if src.kind == "embedded":
-        folder = cache_dir() / "models" / src.value
-        if not _is_cached(folder):  # the download is only needed until the dequantised copy exists
-            _dequantise(embedded_gguf_path(src.value), folder, shown)
-    elif src.kind == "gguf":
-        gguf = Path(src.value)
-        folder = cache_dir() / "models" / "gguf" / _gguf_key(gguf)
-        if not _is_cached(folder):
-            _dequantise(gguf, folder, shown)
-    elif src.kind == "folder":
-        folder = Path(src.value)
-    else:
+    if src.kind == "hub":
         return _load_hub(src.value, dtype=dtype, trust_remote_code=trust_remote_code,
                          quantization_config=quantization_config)
-    return _load_folder(folder, shown, dtype=dtype, trust_remote_code=trust_remote_code,
+    return _load_folder(model_folder(spec), shown, dtype=dtype, trust_remote_code=trust_remote_code,
                         quantization_config=quantization_config)
 
 
@@ -132,7 +121,7 @@ def model_folder(spec: str | os.PathLike[str] | None = None) -> Path:
     shown = os.fspath(spec) if spec is not None else DEFAULT_MODEL
     if src.kind == "embedded":
         folder = cache_dir() / "models" / src.value
-        if not _is_cached(folder):
+        if not _is_cached(folder):  # the download is only needed until the dequantised copy exists
             _dequantise(embedded_gguf_path(src.value), folder, shown)
         return folder
     if src.kind == "gguf":

@@ -32,13 +32,13 @@ class BlockInfluenceOptions:
 def block_distances(model: nn.Module, dataset: Sequence[Mapping], collator: Callable[[list], Mapping],
                     batch_size: int, distance: str = "cosine") -> list[float]:
     """Mean distance between each decoder block's input and output hidden states over the non-padding tokens."""
-    import inspect
     import math
 
     import torch
     from tqdm.auto import tqdm
 
     from ila.layers import find_blocks
+    from ila.training.loss import accepts_logits_to_keep
 
     _, blocks = find_blocks(model)
     totals = torch.zeros(len(blocks), dtype=torch.float64)
@@ -55,7 +55,7 @@ def block_distances(model: nn.Module, dataset: Sequence[Mapping], collator: Call
 
     handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
     device = next(model.parameters()).device
-    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keeps_logits = accepts_logits_to_keep(model)
     tokens = 0
     model.eval()
     try:

@@ -140,9 +140,10 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     # data is read when a method uses it, or to train the stage-1 update one needs
     with_data = any(NEEDS_DATA in m.needs or (m.needs_update() and not config.adapter) for m in todo)
     loaded = load_inputs(config, with_data=with_data) if any(NEEDS_MODEL in m.needs for m in todo) else None
-    layers = loaded.layers if loaded is not None else _layers_without_weights(config, weights)
-    linear_layers = loaded.linear_layers if loaded is not None else len(_layers_without_weights(config, weights,
-                                                                                                  roles=False))
+    if loaded is not None:
+        layers, linear_layers = loaded.layers, loaded.linear_layers
+    else:
+        layers, linear_layers = _layers_without_weights(config, weights)
     for m in todo:
         if m.check_layers is not None:  # before any training
             m.check_layers(config.options(m.name), layers)
@@ -237,12 +238,14 @@ def _check_same_config(ranking: Ranking, config: IdentifyConfig, folder: Path) -
                        f"not {wanted.get(changed[0])!r}; resume with the same settings, or use another --out")
 
 
-def _layers_without_weights(config: IdentifyConfig, weights, roles: bool = True) -> list[LayerId]:
-    """The layers of a model that is not loaded: discovered on its meta-device copy (no weights in memory)."""
+def _layers_without_weights(config: IdentifyConfig, weights) -> tuple[list[LayerId], int]:
+    """The layers to rank of a model that is not loaded, and how many linear layers it has: discovered on its
+    meta-device copy (no weights in memory)."""
     from ila.layers import discover_layers
     from ila.models import empty_model
 
-    return discover_layers(empty_model(weights.folder), config.lora.target_roles if roles else None)
+    model = empty_model(weights.folder)
+    return discover_layers(model, config.lora.target_roles), len(discover_layers(model))
 
 
 def _score_and_write(method: ImportanceMethod, inputs: Inputs, meta: dict, timings: dict, started: float,
@@ -259,9 +262,7 @@ def _score_and_write(method: ImportanceMethod, inputs: Inputs, meta: dict, timin
     own = {"load_s": timings["load_s"], **({"stage1_s": timings["stage1_s"]} if "stage1_s" in timings and
                                            method.needs_update() else {})}
     own |= {"score_s": score_s, "total_s": sum(own.values()) + score_s, "wall_s": time.perf_counter() - started}
-    method_meta = {"method": method.name, "level": method.level,
-                   "method_config": to_dict(inputs.options) if inputs.options is not None else {}}
-    ranking = make_ranking(method, inputs.layers, scored, {**meta, **method_meta, "timings": own})
+    ranking = make_ranking(method, inputs, scored, {**meta, "timings": own})
     on = f" on {meta['data']}" if meta.get("data") else ""
     out.mkdir(parents=True, exist_ok=True)
     plot_heatmap(ranking, out / "heatmap.png", title=f"{method.title or method.name}: {meta['model']}{on}")
@@ -281,10 +282,7 @@ def _score_milestones(method: ImportanceMethod, inputs: Inputs, milestones: list
         set_seed(inputs.config.seed)
         scored = method.score(inputs)
         _load_weights(model, current)
-        method_meta = {"method": method.name, "level": method.level,
-                       "method_config": to_dict(inputs.options) if inputs.options is not None else {}}
-        ranking = make_ranking(method, inputs.layers, scored,
-                               {**meta, **method_meta, "milestone": fraction, "milestone_step": step})
+        ranking = make_ranking(method, inputs, scored, {**meta, "milestone": fraction, "milestone_step": step})
         ranking.save(out / "milestones" / f"ranking_{fraction:g}.json")
 
 
@@ -301,22 +299,26 @@ def _check_method_inputs(config: IdentifyConfig, chosen: list[ImportanceMethod],
                        f"(drop --adapter){' or run the methods one by one' if every else ''}")
     if (config.stage1.milestones or resume) and not updates:
         raise IlaError(f"--milestones/--resume apply to stage 1, which method {chosen[0].name!r} does not run")
+    if every and config.stage1.milestones:
+        raise IlaError("--milestones: rank one method at a time at stage-1 milestones, not --method all")
     if config.stage1.milestones and any(m.needs_training() for m in chosen):
         raise IlaError(f"--milestones: method {next(m.name for m in chosen if m.needs_training())!r} averages over "
                        "all of stage 1 and has no ranking at a milestone")
-    if every and config.stage1.milestones:
-        raise IlaError("--milestones: rank one method at a time at stage-1 milestones, not --method all")
 
 
-def make_ranking(method: ImportanceMethod, layers: list[LayerId], scored: Scores, meta: dict) -> Ranking:
-    """The ranking of a method's scores, with the method's metadata and the near-tie count at the 75 % cut."""
+def make_ranking(method: ImportanceMethod, inputs: Inputs, scored: Scores, meta: dict) -> Ranking:
+    """The ranking of a method's scores on `inputs.layers`, with the run's metadata, the method's name, level and
+    options, what it measured, and the near-tie count at the 75 % cut."""
+    layers = inputs.layers
     if len(scored.scores) != len(layers):
         raise IlaError(f"method {method.name}: returned {len(scored.scores)} scores for {len(layers)} layers")
     if not all(math.isfinite(s) for s in [*scored.scores, *(scored.tiebreak or [])]):
         raise IlaError(f"method {method.name}: non-finite scores (e.g. diverged; lower its learning rate or check "
                        "the data)")
-    ranking = Ranking.from_scores(layers, scored.scores, {**meta, **scored.metadata}, tiebreak=scored.tiebreak,
-                                  gates=scored.gates)
+    own = {"method": method.name, "level": method.level,
+           "method_config": to_dict(inputs.options) if inputs.options is not None else {}}
+    ranking = Ranking.from_scores(layers, scored.scores, {**meta, **own, **scored.metadata},
+                                  tiebreak=scored.tiebreak, gates=scored.gates)
     ranking.metadata["near_ties"] = ranking.near_ties(NEAR_TIE_CUT)
     return ranking
 

@@ -12,7 +12,8 @@ from torch import nn
 from ila.layers import base_model_of
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (computing the LM head at chosen positions only)."""
     base = base_model_of(model)
     cached = getattr(base, "_ila_logits_to_keep", None)
     if cached is None:
@@ -32,7 +33,7 @@ def response_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], reduction
     labels = batch["labels"]
     next_labels = labels[:, 1:]
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         keep = (next_labels != -100).any(dim=0).nonzero().squeeze(1)
         logits = model(**kwargs, logits_to_keep=keep).logits
         targets = next_labels[:, keep]
