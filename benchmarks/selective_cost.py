@@ -3,7 +3,7 @@
 Pairs, each measured side by side in every repeat: LoRA-all vs LoRA-top-30 %, full vs full-top-30 %,
 QLoRA vs QLoRA-top-30 %. Every configuration runs in a fresh process (peak memory is a per-process figure:
 CUDA max allocated on GPU, sampled peak RSS on CPU, both including the model's weights), through
-`ila.training.finetune` (`apply_method` + the HF Trainer) on the same batches; the first step is a warm-up.
+`ila.training.methods.apply_method` + the HF Trainer on the same batches; the first step is a warm-up.
 On CPU the RSS also holds the runtime (Python, torch, transformers: ~0.5 GB before any model is loaded), which
 CUDA's allocator figure never includes; the CPU memory ratio is therefore printed twice, as measured and with
 that runtime baseline (RSS after the imports, before the model) subtracted from both sides.
@@ -46,7 +46,7 @@ def measure(args) -> dict:
     from ila.ranking import Ranking
     from ila.selection import select_layers
     from ila.training.cost import CostCallback
-    from ila.training.finetune import apply_method, quantization_config
+    from ila.training.methods import apply_method, quantization_config
     from ila.training.trainer import ResponseLossTrainer, training_arguments
 
     runtime = 0 if torch.cuda.is_available() else psutil.Process().memory_info().rss  # before any model exists
@@ -78,7 +78,7 @@ def measure(args) -> dict:
     selection = select_layers(args.select, layers, rankings)
     config = TrainConfig(method=args.method, select=args.select, max_steps=args.steps + 1,
                          batch_size=args.batch_size)
-    model = apply_method(model, selection, config)
+    model = apply_method(model, [x.name for x in selection.trained], config)
     cost = CostCallback()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = ResponseLossTrainer(

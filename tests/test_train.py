@@ -161,8 +161,8 @@ def test_random_freezes_exactly_the_fraction():
 def test_adalora_penalty_is_peft_own(model_dirs):
     from peft import AdaLoraConfig, get_peft_model
 
-    from ila.training.finetune import adalora_orthogonality
     from ila.training.loss import response_loss
+    from ila.training.methods import adalora_orthogonality
 
     model = get_peft_model(make_model("llama"), AdaLoraConfig(init_r=4, target_r=2, total_step=10,
                                                              target_modules=["q_proj", "v_proj"]))

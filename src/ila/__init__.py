@@ -18,6 +18,8 @@ _EXPORTS = {
     "identify": "ila.api",
     "identify_options": "ila.api",
     "list_methods": "ila.api",
+    "list_strategies": "ila.api",
+    "train_options": "ila.api",
     "train": "ila.api",
     "experiment": "ila.api",
     "evaluate": "ila.api",

@@ -57,6 +57,13 @@ def identify(
     return run_identify(config, out, resume=resume)
 
 
+def list_strategies() -> str:
+    """One line per training strategy: its name, what it trains when, the methods it works with."""
+    from ila.training.strategies.base import describe
+
+    return describe()
+
+
 def list_methods() -> str:
     """One line per importance method: its name, what it measures and what it needs."""
     from ila.importance.base import describe
@@ -64,22 +71,40 @@ def list_methods() -> str:
     return describe()
 
 
-TRAIN_OPTIONS = ("model", "data", "method", "select", "rankings", "transfer", "seed", "select_seed", "max_steps",
-                 "max_examples", "max_length", "learning_rate", "batch_size", "train_other", "data_seed")
+TRAIN_OPTIONS = ("model", "data", "method", "strategy", "select", "rankings", "transfer", "seed", "select_seed",
+                 "max_steps", "max_examples", "max_length", "learning_rate", "batch_size", "train_other", "data_seed",
+                 "gradient_checkpointing")
+
+
+def train_options() -> dict[str, str]:
+    """Keyword options of `train` (the CLI's flags by their Python names) → the config key each one sets: the
+    shared fields and every registered strategy's options (from its file, e.g. `lisa_layers` → `lisa.layers`)."""
+    from ila.options import flag_paths
+    from ila.training.strategies.base import strategies
+
+    options = {name: name for name in TRAIN_OPTIONS}
+    for name, strategy in strategies().items():
+        if strategy.options is not None:
+            for keyword, dotted in flag_paths(strategy.options, f"{name}.").items():
+                if keyword in options:
+                    raise ValueError(f"strategy {name}: flag of {dotted} repeats the flag of {options[keyword]}")
+                options[keyword] = dotted
+    return options
 
 
 def train(out: str | Path, *, config: TrainConfig | str | Path | None = None, resume: bool = False,
           **options: Any):
-    """Fine-tune the selected layers (`ila train`); writes the run folder `out` and returns a `TrainRun`.
+    """Fine-tune (`ila train`) under a training strategy; writes the run folder `out` and returns a `TrainRun`.
 
-    `options` are the CLI's options by their Python names (`model`, `data`, `method`, `select`, `rankings`,
-    `transfer`, `seed`, `select_seed`, `max_steps`, `max_examples`, `max_length`, `learning_rate`, `batch_size`,
-    `train_other`, `data_seed`).
+    `options` are the CLI's options by their Python names (`model`, `data`, `method`, `strategy`, `select`,
+    `rankings`, `seed`, `max_steps`, ... and each strategy's own, e.g. `lisa_layers`, `segments`; see
+    `train_options()`) and override `config`.
     """
     from ila.training.finetune import run_train
 
-    _check_options("train", options, TRAIN_OPTIONS)
-    given = {k: v for k, v in options.items() if v is not None and v != []}
+    allowed = train_options()
+    _check_options("train", options, allowed)
+    given = {allowed[k]: v for k, v in options.items() if v is not None and v != []}
     if isinstance(config, TrainConfig):
         return run_train(with_overrides(config, given), out, resume=resume)
     return run_train(load_config(config, given, TrainConfig), out, resume=resume)

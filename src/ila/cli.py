@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ila.api import EVAL_OPTIONS, TRAIN_OPTIONS
+from ila.api import EVAL_OPTIONS
 from ila.config import DATA_HELP, MODEL_HELP
 from ila.errors import IlaError
 
@@ -32,6 +32,17 @@ def _add_identify_options(p: argparse.ArgumentParser) -> None:
         if method.options is not None:
             group = p.add_argument_group(f"options of method {name} (YAML section '{name}:')")
             add_flags(group, method.options, f"{name}.")
+
+
+def _add_strategy_options(p: argparse.ArgumentParser) -> None:
+    """Flags of each registered strategy's options, from their declarations."""
+    from ila.options import add_flags
+    from ila.training.strategies.base import strategies
+
+    for name, strategy in sorted(strategies().items()):
+        if strategy.options is not None:
+            add_flags(p.add_argument_group(f"options of strategy {name} (YAML section '{name}:')"),
+                      strategy.options, f"{name}.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,11 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume stage 1 from the last checkpoint in --out")
     _add_identify_options(p)
 
-    p = sub.add_parser("train", help="fine-tune a selection of layers (LoRA, QLoRA, full, AdaLoRA)",
-                       description="Fine-tune --model on --data, training only the linear layers that --select "
-                       "chooses (the rest frozen or without adapters). Writes the adapter or full weights, "
-                       "selection.json and run.json (cost, held-out loss) to --out.", epilog=EPILOG)
-    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p = sub.add_parser("train", help="fine-tune under a training strategy (selection, LISA, IST, Mid-Block)",
+                       description="Fine-tune --model on --data with --method (LoRA, QLoRA, full, AdaLoRA). The "
+                       "strategy decides which layers train when: selection (default) trains the linear layers "
+                       "--select chooses, lisa samples blocks, ist updates blocks by learned importance, midblock "
+                       "adapts segments of blocks. Writes the adapter or full weights, selection.json and run.json "
+                       "(cost, held-out loss) to --out. See docs/training.md and docs/strategies.md.",
+                       epilog=EPILOG)
+    p.add_argument("--out", type=Path, help="run folder to write (required)")
+    p.add_argument("--list-strategies", action="store_true", help="list the training strategies and exit")
+    p.add_argument("--strategy", help="selection (default) | lisa | ist | midblock (see --list-strategies)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass (less memory, more time)")
     _add_model_data_options(p)
     p.add_argument("--config", type=Path, help="YAML config (keys of ila.config.TrainConfig); options override it")
     p.add_argument("--method", help="lora (default) | qlora | full | adalora")
@@ -90,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, help="cap on the examples read from --data")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
+    _add_strategy_options(p)
 
     p = sub.add_parser("eval", help="score a base model, an adapter or a run: held-out loss, MC, exact match",
                        description="Held-out loss/perplexity on instruction data (a run's own held-out split by "
@@ -180,8 +199,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out / 'ranking.json'} and {args.out / 'heatmap.png'}")
         return 0
     if args.command == "train":
+        if args.list_strategies:
+            print(ila.list_strategies())
+            return 0
+        if args.out is None:
+            raise IlaError("train: --out is required (the run folder to write)")
         run = ila.train(args.out, config=args.config, resume=args.resume,
-                        **{name: getattr(args, name) for name in TRAIN_OPTIONS})
+                        **{name: getattr(args, name) for name in ila.train_options()})
         c = run.cost
         print(f"trained {c['trained_layers']} linear layers ({c['trained_layer_fraction']:.0%}), "
               f"{c['trainable_params']:,} trainable parameters, {c['steps']} steps, median {c['median_step_ms']:.0f} "

@@ -168,10 +168,26 @@ class TrainConfig:
     train_other: bool | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
     adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
+    strategy: str = "selection"  # training strategy (ila.training.strategies): selection | lisa | ist | midblock
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
+    # strategy_options[name]: the options of strategy `name` (YAML: a top-level section named after it)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
+        from ila.training.strategies.base import DEFAULT, get_strategy
+
         if self.method not in METHODS:
             raise IlaError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        strategy = get_strategy(self.strategy)
+        if self.strategy != DEFAULT:
+            for name, default in (("select", "all"), ("train_other", None), ("transfer", False)):
+                if getattr(self, name) != default:
+                    raise IlaError(f"{name}: {getattr(self, name)!r} applies to strategy selection only, not "
+                                   f"{self.strategy!r}")
+        for name, options in self.strategy_options.items():
+            check_fields(options, f"{name}.")
+        if strategy.options is not None and self.strategy not in self.strategy_options:
+            self.strategy_options[self.strategy] = strategy.options()
         _check("seed", self.seed, seed_range)
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "max_length"):
             _check(name, getattr(self, name), positive)
@@ -198,7 +214,13 @@ class TrainConfig:
         from ila.selection import parse_select
 
         parse_select(self.select)
+        if strategy.check is not None:
+            strategy.check(self, self.options())
         return self
+
+    def options(self) -> Any:
+        """The running strategy's options (a dataclass of its file), or None if it has none."""
+        return self.strategy_options.get(self.strategy)
 
 
 def _check(name: str, value: Any, check) -> None:
@@ -252,6 +274,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     overrides = overrides or {}
     if (cls or IdentifyConfig) is IdentifyConfig and overrides.get("method") not in (None, raw.get("method")):
         _drop_other_sections(raw, overrides["method"])
+    if cls is TrainConfig and overrides.get("strategy") not in (None, raw.get("strategy")):
+        from ila.training.strategies.base import strategies
+
+        for name in set(raw) & set(strategies()) - {overrides["strategy"]}:
+            del raw[name]
     _set_dotted(raw, overrides, where)
     return _build(cls or IdentifyConfig, raw, where, "").validate()
 
@@ -272,6 +299,11 @@ def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     raw = to_dict(config)
     if isinstance(config, IdentifyConfig):
         _drop_other_sections(raw, overrides.get("method") or config.method)
+    if isinstance(config, TrainConfig) and overrides.get("strategy") not in (None, config.strategy):
+        from ila.training.strategies.base import strategies
+
+        for name in set(raw) & set(strategies()) - {overrides["strategy"]}:
+            del raw[name]
     return _build(type(config), _set_dotted(raw, overrides, ""), "", "").validate()
 
 
@@ -292,31 +324,32 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise IlaError(f"{where}{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "method_options"}
+    kind = _SECTIONED.get(cls)  # (what the sections configure, the key naming the running one, the field)
+    fields = {f.name: f for f in dataclasses.fields(cls) if kind is None or f.name != kind[2]}
     sections: dict[str, Any] = {}
-    if cls is IdentifyConfig:  # a top-level key named after an importance method holds that method's options
-        from ila.importance.base import method_names, methods
-
-        known = methods()
+    known: dict[str, type | None] = {}
+    if kind is not None:  # a top-level key named after a method/strategy holds that one's options
+        what, key, _ = kind
+        known, default, names_of = _registry(cls)
         for name in [k for k in raw if k in known and k not in fields]:
-            options_cls, section = known[name].options, raw.pop(name) or {}
+            options_cls, section = known[name], raw.pop(name) or {}
             if options_cls is None:
                 if section:
-                    raise IlaError(f"{where}{name}: method {name!r} takes no options")
+                    raise IlaError(f"{where}{name}: {what} {name!r} takes no options")
                 continue
             sections[name] = _build(options_cls, section, where, f"{name}.")
-        running = raw.get("method", "ila")
-        # an unknown method is named before its options are judged
-        names = method_names(running) if isinstance(running, str) else [running]
+        running = raw.get(key, default)
+        # an unknown method or strategy is named before its options are judged
+        names = names_of(running) if isinstance(running, str) else [running]
         wrong = sorted(set(sections) - set(names))
         if wrong:
-            raise IlaError(f"{where}{wrong[0]}: options for method {wrong[0]!r}, but the method is {running!r}")
+            raise IlaError(f"{where}{wrong[0]}: options for {what} {wrong[0]!r}, but the {key} is {running!r}")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         key = f"{prefix}{unknown[0]}"
         if key in MOVED:
             raise IlaError(f"{where}'{key}' has moved to '{MOVED[key]}'")
-        expected = [*fields, *(sorted(methods()) if cls is IdentifyConfig else [])]
+        expected = [*fields, *sorted(known)]
         raise IlaError(f"{where}unknown key '{key}' (expected one of: {', '.join(expected)})")
     kwargs = {}
     for name, value in raw.items():
@@ -327,8 +360,26 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str) -> Any:
             kwargs[name] = _coerce(value, hint, f"{where}{prefix}{name}")
     config = cls(**kwargs)
     if sections:
-        config.method_options = sections
+        setattr(config, kind[2], sections)
     return config
+
+
+# Config classes with option sections: (what a section configures, the key naming the running one, the field
+# holding the sections).
+_SECTIONED = {IdentifyConfig: ("method", "method", "method_options"),
+              TrainConfig: ("strategy", "strategy", "strategy_options")}
+
+
+def _registry(cls: type) -> tuple[dict[str, type | None], str, Any]:
+    """The options class of every registered method (IdentifyConfig) or strategy (TrainConfig), the default
+    name, and the names a running value stands for."""
+    if cls is IdentifyConfig:
+        from ila.importance.base import method_names, methods
+
+        return {n: m.options for n, m in methods().items()}, "ila", method_names
+    from ila.training.strategies.base import DEFAULT, get_strategy, strategies
+
+    return {n: s.options for n, s in strategies().items()}, DEFAULT, lambda name: [get_strategy(name).name]
 
 
 def _coerce(value: Any, hint: Any, label: str) -> Any:
@@ -375,4 +426,5 @@ def _coerce(value: Any, hint: Any, label: str) -> Any:
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain data, as a YAML file would hold it (method options as top-level sections)."""
     data = dataclasses.asdict(config)
-    return data | (data.pop("method_options", None) or {})
+    sections = (data.pop("method_options", None) or {}) | (data.pop("strategy_options", None) or {})
+    return data | sections

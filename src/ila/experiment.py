@@ -16,10 +16,15 @@ skipped on re-run. Rankings the selections need come from a given file or from
       - {label: "LoRA w/ ILA", select: "freeze-bottom:0.25"}
       - {label: "RL 1", select: "random:0.25", select_seed: 1}
       - {label: "w/ snr", select: "freeze-bottom:0.25", ranking: runs/all/snr/ranking.json}  # its own ranking
+      - {label: "LISA", strategy: lisa, method: full, lisa: {layers: 2}}  # a training strategy, its own method
     ranking: null                   # ranking.json (or a list, for intersect:F), or null: identify per (model, data)
     identify: {stage1: {max_steps: 40}}   # IdentifyConfig keys for those identify runs
     train: {max_steps: 40}                # TrainConfig keys shared by every cell
     eval: {mc: [hhh_alignment], exact: [], limit: 50}   # optional: `ila eval` of every cell -> more columns
+
+A selection may name a training `strategy` (see `ila train --list-strategies`) with its options as a section
+named after it, a `method` of its own (it then runs with that method only, whatever `methods` says) and a
+`train` mapping of config keys for its cells alone (e.g. a learning rate for full fine-tuning).
 
 Evaluation results go to each cell's `eval.json`; a cell is (re-)evaluated on re-run when it has none or when
 the eval section's tasks, limit or seed changed since.
@@ -51,11 +56,10 @@ from ila.config import (
 )
 from ila.errors import IlaError
 from ila.io import slug, write_json_atomic, write_text_atomic
-from ila.selection import parse_select
 
 GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train", "eval"}
 EVAL_KEYS = {"mc", "exact", "limit"}
-SELECTION_KEYS = {"label", "select", "select_seed", "ranking"}
+SELECTION_KEYS = {"label", "select", "select_seed", "ranking", "strategy", "method", "train"}  # + strategy sections
 METRICS = [  # (key in the cell summary, column title, format)
     ("heldout_loss", "held-out loss", "{:.4f}"),
     ("perplexity", "perplexity", "{:.3f}"),
@@ -69,10 +73,16 @@ METRICS = [  # (key in the cell summary, column title, format)
 
 @dataclass
 class Selection:
+    """One row variant of the grid: what trains, chosen by --select or by a training strategy."""
+
     label: str
-    select: str
+    select: str = "all"
     select_seed: int | None = None
     ranking: str | None = None  # this selection's ranking.json (e.g. one importance method's), instead of the grid's
+    strategy: str | None = None  # a training strategy (None: the grid's train.strategy, by default selection)
+    method: str | None = None  # this selection's own training method, instead of the grid's methods
+    sections: dict[str, Any] = field(default_factory=dict)  # strategy options, e.g. {"lisa": {"layers": 2}}
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys of this selection's cells only
 
 
 @dataclass
@@ -104,18 +114,23 @@ def load_grid(path: str | Path) -> Grid:
             raise IlaError(f"experiment {path}: '{key}' must be a non-empty list")
         return value
 
+    from ila.training.strategies.base import strategies
+
+    keys = SELECTION_KEYS | set(strategies())
     selections = []
     for i, item in enumerate(strings("selections")):
         if isinstance(item, str):
             item = {"select": item}
-        if not isinstance(item, dict) or "select" not in item:
-            raise IlaError(f"experiment {path}: selections[{i}] must be a --select value or a mapping with 'select'")
-        bad = sorted(set(item) - SELECTION_KEYS)
+        if not isinstance(item, dict) or not ("select" in item or "strategy" in item):
+            raise IlaError(f"experiment {path}: selections[{i}] must be a --select value or a mapping with 'select' "
+                           "or 'strategy'")
+        bad = sorted(set(item) - keys)
         if bad:
             raise IlaError(f"experiment {path}: selections[{i}]: unknown key '{bad[0]}' "
-                           f"(expected one of: {', '.join(sorted(SELECTION_KEYS))})")
+                           f"(expected one of: {', '.join(sorted(keys))})")
         seed_suffix = f" (seed {item['select_seed']})" if item.get("select_seed") is not None else ""
-        label = str(item.get("label", f"{item['select']}{seed_suffix}"))
+        default_label = item.get("select", item.get("strategy"))
+        label = str(item.get("label", f"{default_label}{seed_suffix}"))
         if item.get("select_seed") is not None and not isinstance(item["select_seed"], int):
             raise IlaError(f"experiment {path}: selections[{i}].select_seed must be an integer")
         if any(slug(label) == slug(other.label) for other in selections):
@@ -123,8 +138,12 @@ def load_grid(path: str | Path) -> Grid:
         own = item.get("ranking")
         if own is not None and not Path(str(own)).is_file():
             raise IlaError(f"experiment {path}: selections[{i}].ranking {own}: file not found")
-        selections.append(Selection(label, str(item["select"]), item.get("select_seed"),
-                                    str(own) if own is not None else None))
+        selections.append(Selection(
+            label, str(item.get("select", "all")), item.get("select_seed"), str(own) if own is not None else None,
+            item.get("strategy"), item.get("method"), {k: item[k] for k in item if k in strategies()},
+            item.get("train") or {}))
+        if not isinstance(selections[-1].train, dict):
+            raise IlaError(f"experiment {path}: selections[{i}].train must be a mapping of config keys")
     for key in ("identify", "train", "eval"):
         if not isinstance(raw.get(key, {}), dict):
             raise IlaError(f"experiment {path}: '{key}' must be a mapping of config keys")
@@ -152,9 +171,8 @@ def load_grid(path: str | Path) -> Grid:
         eval=raw.get("eval", {}),
     )
     for model in grid.models:  # every cell's config is valid before anything runs
-        for method in grid.methods:
-            for sel in grid.selections:
-                _train_config(grid, model, grid.data[0], method, sel, grid.seeds[0], [], where=f"experiment {path}")
+        for method, sel in cells(grid):
+            _train_config(grid, model, grid.data[0], method, sel, grid.seeds[0], [], where=f"experiment {path}")
     try:
         identify = load_config(None, flatten(grid.identify), IdentifyConfig)
     except IlaError as exc:
@@ -165,13 +183,25 @@ def load_grid(path: str | Path) -> Grid:
     return grid
 
 
+def cell_methods(grid: Grid, sel: Selection) -> list[str]:
+    """The training methods a selection runs with: its own, or the grid's."""
+    return [sel.method] if sel.method else grid.methods
+
+
+def cells(grid: Grid) -> list[tuple[str, Selection]]:
+    """(method, selection) of every row, method by method in the grid's order (selections' own methods last)."""
+    order = list(dict.fromkeys([*grid.methods, *(s.method for s in grid.selections if s.method)]))
+    return [(m, s) for m in order for s in grid.selections if m in cell_methods(grid, s)]
+
+
 def _train_config(grid: Grid, model, data, method, sel: Selection, seed: int, rankings: list[str],
                   *, where: str = "experiment") -> TrainConfig:
     shared = flatten(grid.train)
-    if method != "full":  # a grid-wide train_other concerns its full fine-tuning cells only
-        shared.pop("train_other", None)
+    if method != "full" or sel.strategy not in (None, "selection"):  # a grid-wide train_other concerns the
+        shared.pop("train_other", None)  # full fine-tuning cells of the selection strategy only
     cell = {"model": model, "data": data, "method": method, "select": sel.select, "seed": seed,
-            "select_seed": sel.select_seed, "rankings": rankings}
+            "select_seed": sel.select_seed, "rankings": rankings, "strategy": sel.strategy,
+            **flatten(sel.train), **flatten(sel.sections)}
     try:  # validated once, with the cell's own method and selection in place
         return load_config(None, {**shared, **cell}, TrainConfig)
     except IlaError as exc:
@@ -190,28 +220,27 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
     for model in grid.models:
         for data in grid.data:
             rankings = _grid_rankings(grid, model, data, out, run_identify)
-            for method in grid.methods:
-                for sel in grid.selections:
-                    for seed in grid.seeds:
-                        cell = out / "cells" / slug(model) / slug(data) / method / slug(sel.label) / f"seed{seed}"
-                        needs = ([sel.ranking] if sel.ranking else rankings) if _needs_ranking(sel) else []
-                        config = _train_config(grid, model, data, method, sel, seed, needs)
-                        _check_cell(cell, config)
-                        if not (cell / "run.json").exists():
-                            print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}", flush=True)
-                            _train_cell(config, cell)
-                        if grid.eval and _saved_eval_settings(cell) != eval_settings(mc, exact, limit, seed):
-                            print(f"[{grid.name}] eval {cell}", flush=True)
-                            run_eval(run=cell, heldout=False, mc=mc, exact=exact, limit=limit, seed=seed,
-                                     out=cell / "eval.json")
-                            _release_memory()
-                        rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
+            for method, sel in cells(grid):
+                for seed in grid.seeds:
+                    cell = out / "cells" / slug(model) / slug(data) / method / slug(sel.label) / f"seed{seed}"
+                    needs = ([sel.ranking] if sel.ranking else rankings) if _needs_ranking(grid, sel) else []
+                    config = _train_config(grid, model, data, method, sel, seed, needs)
+                    _check_cell(cell, config)
+                    if not (cell / "run.json").exists():
+                        print(f"[{grid.name}] {model} · {data} · {method} · {sel.label} · seed {seed}", flush=True)
+                        _train_cell(config, cell)
+                    if grid.eval and _saved_eval_settings(cell) != eval_settings(mc, exact, limit, seed):
+                        print(f"[{grid.name}] eval {cell}", flush=True)
+                        run_eval(run=cell, heldout=False, mc=mc, exact=exact, limit=limit, seed=seed,
+                                 out=cell / "eval.json")
+                        _release_memory()
+                    rows.setdefault((model, data, method, sel.label), []).append(_summary(cell))
     return write_table(grid.name, rows, out)
 
 
 def _grid_rankings(grid: Grid, model, data, out: Path, run_identify) -> list[str]:
     """The ranking files the grid's selections use for (model, data): given ones, or one identify run."""
-    if not any(_needs_ranking(s) and not s.ranking for s in grid.selections):
+    if not any(_needs_ranking(grid, s) and not s.ranking for s in grid.selections):
         return []
     if isinstance(grid.ranking, list):
         return [str(r) for r in grid.ranking]
@@ -267,7 +296,7 @@ def _check_cell(cell: Path, config: TrainConfig) -> None:
     """A finished cell is reused only if it was made with the same configuration."""
     if not (cell / "run.json").exists():
         return
-    from ila.training.finetune import train_other_params
+    from ila.training.methods import train_other_params
 
     run = json.loads((cell / "run.json").read_text())
     saved, wanted = run.get("config", {}), to_dict(config)
@@ -281,8 +310,12 @@ def _check_cell(cell: Path, config: TrainConfig) -> None:
                        "(train_other); remove the cell or use another --out")
 
 
-def _needs_ranking(sel: Selection) -> bool:
-    return parse_select(sel.select)[0] in ("freeze-bottom", "top", "intersect")
+def _needs_ranking(grid: Grid, sel: Selection) -> bool:
+    """Whether the selection's strategy reads a ranking (a --select by importance, LISA steered by one)."""
+    from ila.training.strategies.base import get_strategy
+
+    config = _train_config(grid, None, None, cell_methods(grid, sel)[0], sel, grid.seeds[0], [])
+    return get_strategy(config.strategy).needs_ranking(config, config.options())
 
 
 def _identify(grid: Grid, model, data, out: Path, run_identify) -> Path:

@@ -40,6 +40,7 @@ class Selection:
     trained: list[LayerId]
     total: int
     mapping: dict[str, str] = field(default_factory=dict)  # target layer -> source layer (cross-model transfer)
+    extra: dict = field(default_factory=dict)  # what a training strategy adds to selection.json (e.g. ranks)
 
     @property
     def fraction(self) -> float:
@@ -48,7 +49,7 @@ class Selection:
     def to_json(self) -> dict:
         return {"strategy": self.strategy, "trained_count": len(self.trained), "total_count": self.total,
                 "trained_fraction": self.fraction, "trained": [x.name for x in self.trained],
-                **({"transfer_mapping": self.mapping} if self.mapping else {})}
+                **({"transfer_mapping": self.mapping} if self.mapping else {}), **self.extra}
 
 
 def _ranked(rankings: Sequence[Ranking], spec: str) -> Ranking:

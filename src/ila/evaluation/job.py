@@ -43,7 +43,7 @@ def load_for_eval(model: str | None, adapter: str | Path | None, run: str | Path
         adapter = adapter or (run / "adapter" if (run / "adapter").is_dir() else None)
     quant = None
     if info.get("method") == "qlora":  # score the adapter on the 4-bit base it was trained on
-        from ila.training.finetune import quantization_config
+        from ila.training.methods import quantization_config
 
         quant = quantization_config(torch.float32)
     model_obj, tokenizer = load_model(model, quantization_config=quant)

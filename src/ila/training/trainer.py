@@ -109,8 +109,15 @@ def training_arguments(
     bf16: bool = False,
     logging_steps: int = 1,
     eval_steps: int | None = None,
+    gradient_checkpointing: bool = False,
+    find_unused_parameters: bool = False,
 ) -> TrainingArguments:
-    """TrainingArguments shared by all jobs: AdamW β = (0.9, 0.99) (seeds/000 App. B); eval only if asked."""
+    """TrainingArguments shared by all jobs: AdamW β = (0.9, 0.99) (seeds/000 App. B); eval only if asked.
+
+    `find_unused_parameters`: some trainable parameters get no gradient in a step (a strategy that trains
+    different layers at different steps); DDP must then look for them instead of waiting for their gradients.
+    Gradient checkpointing is non-reentrant, which lets gradients reach trained layers above frozen ones.
+    """
     try:
         return TrainingArguments(
             output_dir=str(output_dir),
@@ -140,6 +147,9 @@ def training_arguments(
             per_device_eval_batch_size=batch_size,
             prediction_loss_only=True,
             include_num_input_tokens_seen="non_padding",
+            activation_checkpointing=gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+            ddp_find_unused_parameters=True if find_unused_parameters else None,
         )
     except (ValueError, ImportError) as exc:  # e.g. an unknown report_to integration
         raise IlaError(f"training arguments: {first_line(exc)[:300]}") from None
