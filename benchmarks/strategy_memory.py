@@ -32,7 +32,7 @@ CONFIGS = {  # label -> ila.train options
     "LISA γ=1": {"method": "full", "strategy": "lisa", "lisa_layers": 1},
     "LISA γ=2": {"method": "full", "strategy": "lisa", "lisa_layers": 2},
     "LISA γ=4": {"method": "full", "strategy": "lisa", "lisa_layers": 4},
-    "IST": {"method": "lora", "strategy": "ist"},
+    "IST": {"method": "lora", "strategy": "ist", "ist_interval": 2},
     "Mid-Block 01100": {"method": "lora", "strategy": "midblock", "segments": "01100"},
 }
 
@@ -105,8 +105,9 @@ def main() -> None:
         share = make_small_embeddings_model(Path(model), args.data)
     print(f"model: {args.shape or model}" + (f" (embeddings + LM head: {share:.1%} of the parameters)" if share else "")
           + f"; data {args.data}; batch {args.batch_size} × ≤{args.max_length} tokens; {args.steps} steps "
-          f"(median step time over all; LISA switches every 2 steps); {args.repeats} repeats, each configuration "
-          f"in a fresh process; device {'cuda' if _cuda() else 'cpu'}, {os.cpu_count()} cores", flush=True)
+          "(median step time over all; LISA switches and IST updates its scores every 2 steps); "
+          f"{args.repeats} repeats, each configuration in a fresh process; "
+          f"device {'cuda' if _cuda() else 'cpu'}, {os.cpu_count()} cores", flush=True)
     results: dict[str, list[dict]] = {c: [] for c in args.configs}
     for repeat in range(args.repeats):
         for label in args.configs:

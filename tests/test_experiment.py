@@ -105,7 +105,8 @@ def test_duplicate_labels_and_default_fraction(model_dirs, data_file, tmp_path):
     config.write_text(text.replace('select: "freeze-bottom:0.25"', "select: freeze-bottom"))
     from ila.experiment import _needs_ranking
 
-    assert all(_needs_ranking(s) == (s.label == "w/ ILA") for s in load_grid(config).selections)
+    grid = load_grid(config)
+    assert all(_needs_ranking(grid, s) == (s.label == "w/ ILA") for s in grid.selections)
 
 
 def test_grid_wide_train_other_applies_to_its_full_cells(model_dirs, data_file, tmp_path):

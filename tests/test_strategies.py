@@ -150,9 +150,11 @@ def test_lisa_sampling_by_ranking_favours_important_blocks(deep, data_file, tmp_
     # the same (seed, interval) draws the same blocks: a resumed run continues the schedule
     assert active_blocks(LisaOptions(), 6, 7, 3) == active_blocks(LisaOptions(), 6, 7, 3)
     path = ranking.save(tmp_path / "ranking.json")
-    run = train(deep["llama6"], data_file, tmp_path / "run", method="full", strategy="lisa", rankings=[str(path)],
-                max_steps=2, **{"lisa.sampling": "ranking"})
-    assert run.selection.strategy == "lisa"
+    train(deep["llama6"], data_file, tmp_path / "run", method="full", strategy="lisa", rankings=[str(path)],
+          max_steps=4, **{"lisa.sampling": "ranking", "lisa.interval": 1, "lisa.layers": 1})
+    schedule = json.loads((tmp_path / "run" / "run.json").read_text())["strategy_record"]["lisa_schedule"]
+    assert [s["active"] for s in schedule] == [active_blocks(LisaOptions(layers=1, interval=1, sampling="ranking"),
+                                                             6, k, 0, weights) for k in range(4)]
 
 
 # -- IST -------------------------------------------------------------------------------------------------------
@@ -318,6 +320,30 @@ def test_experiment_grid_takes_strategies_with_their_own_method(tmp_path):
     assert [(m, s.label) for m, s in cells(grid)] == [("lora", "all"), ("lora", "M"), ("full", "L")]
     path.write_text("methods: [lora]\nselections:\n  - {label: L, strategy: lisa, lisa: {layers: 2}}\n")
     with pytest.raises(IlaError, match="method: strategy lisa trains with full, not 'lora'"):
+        load_grid(path)
+
+
+def test_cells_finished_before_new_config_keys_are_reused(tmp_path):
+    """A run.json written before `strategy` and `gradient_checkpointing` existed holds their defaults."""
+    import dataclasses
+
+    from ila.config import to_dict
+    from ila.experiment import _check_cell
+
+    config = load_config(None, {"max_steps": 3}, TrainConfig)
+    old = {k: v for k, v in to_dict(config).items() if k not in ("strategy", "gradient_checkpointing")}
+    (tmp_path / "run.json").write_text(json.dumps({"config": old, "cost": {}}))
+    _check_cell(tmp_path, config)  # reused
+    with pytest.raises(IlaError, match="another gradient_checkpointing"):
+        _check_cell(tmp_path, dataclasses.replace(config, gradient_checkpointing=True))
+
+
+def test_a_selections_train_keys_cannot_change_its_cell(tmp_path):
+    from ila.experiment import load_grid
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("selections:\n  - {label: A, select: all, train: {method: full}}\n")
+    with pytest.raises(IlaError, match="selections\\[0\\].train: 'method' is set by the grid or the selection"):
         load_grid(path)
 
 

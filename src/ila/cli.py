@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder to write (required)")
     p.add_argument("--list-strategies", action="store_true", help="list the training strategies and exit")
     p.add_argument("--strategy", help="selection (default) | lisa | ist | midblock (see --list-strategies)")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in the backward pass (less memory, more time)")
     _add_model_data_options(p)
     p.add_argument("--config", type=Path, help="YAML config (keys of ila.config.TrainConfig); options override it")

@@ -59,6 +59,7 @@ from ila.io import slug, write_json_atomic, write_text_atomic
 
 GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train", "eval"}
 EVAL_KEYS = {"mc", "exact", "limit"}
+CELL_KEYS = {"model", "data", "method", "select", "seed", "select_seed", "rankings", "strategy"}  # set per cell
 SELECTION_KEYS = {"label", "select", "select_seed", "ranking", "strategy", "method", "train"}  # + strategy sections
 METRICS = [  # (key in the cell summary, column title, format)
     ("heldout_loss", "held-out loss", "{:.4f}"),
@@ -144,6 +145,10 @@ def load_grid(path: str | Path) -> Grid:
             item.get("train") or {}))
         if not isinstance(selections[-1].train, dict):
             raise IlaError(f"experiment {path}: selections[{i}].train must be a mapping of config keys")
+        own = sorted(set(selections[-1].train) & CELL_KEYS)
+        if own:
+            raise IlaError(f"experiment {path}: selections[{i}].train: '{own[0]}' is set by the grid or the "
+                           "selection itself, not by its train keys")
     for key in ("identify", "train", "eval"):
         if not isinstance(raw.get(key, {}), dict):
             raise IlaError(f"experiment {path}: '{key}' must be a mapping of config keys")
@@ -300,12 +305,14 @@ def _check_cell(cell: Path, config: TrainConfig) -> None:
 
     run = json.loads((cell / "run.json").read_text())
     saved, wanted = run.get("config", {}), to_dict(config)
-    changed = sorted(k for k in wanted if k != "rankings" and saved.get(k) != wanted[k])
+    defaults = to_dict(TrainConfig())  # keys added since a cell ran hold their defaults there
+    changed = sorted(k for k in wanted if k != "rankings" and saved.get(k, defaults.get(k)) != wanted[k])
     if changed:
         raise IlaError(f"experiment cell {cell}: was run with another {changed[0]} ({saved.get(changed[0])!r}, now "
                        f"{wanted[changed[0]]!r}); remove the cell or use another --out")
     # full fine-tuning runs from before `other_params_trained` was recorded trained embeddings and norms always
-    if config.method == "full" and run["cost"].get("other_params_trained", True) != train_other_params(config):
+    if (config.method == "full" and config.strategy == "selection"
+            and run["cost"].get("other_params_trained", True) != train_other_params(config)):
         raise IlaError(f"experiment cell {cell}: trained embeddings and norms differently than this grid asks "
                        "(train_other); remove the cell or use another --out")
 

@@ -29,12 +29,12 @@ from ila.data import build_dataset, collate, load_examples, split_train_heldout
 from ila.errors import IlaError
 from ila.evaluation.heldout import heldout_loss as heldout_metrics
 from ila.io import check_output_folder, write_json_atomic
-from ila.layers import discover_layers
+from ila.layers import base_model_of, discover_layers
 from ila.models import load_model, model_label
 from ila.ranking import Ranking
 from ila.selection import Selection, parse_select
 from ila.training.cost import CostCallback, parameter_count
-from ila.training.methods import DEFAULT_LR, quantization_config, train_other_params, trained_layer_names
+from ila.training.methods import DEFAULT_LR, quantization_config, trained_layer_names
 from ila.training.strategies.base import Context, get_strategy
 from ila.training.trainer import ResponseLossTrainer, last_complete_checkpoint, training_arguments
 
@@ -82,6 +82,10 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     actually = trained_layer_names(model, layers)
     if actually != {x.name for x in selection.trained}:  # guards the promise that run folders state
         raise AssertionError(f"trained layers differ from the selection: {sorted(actually)[:3]}…")
+    # measured before training: strategies that train different layers at different steps change requires_grad
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    in_layers = {id(p) for x in layers for p in base_model_of(model).get_submodule(x.name).parameters()}
+    other_trained = any(p.requires_grad for p in base_model_of(model).parameters() if id(p) not in in_layers)
     out.mkdir(parents=True, exist_ok=True)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes files
     if main_process:
@@ -111,11 +115,12 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     else:
         model.save_pretrained(out / "adapter")
     summary = {
-        **cost.summary(model, trainer.state.num_input_tokens_seen),
+        **cost.summary(None, trainer.state.num_input_tokens_seen),
+        "trainable_params": trainable,
         "total_params": parameter_count(model),
         "trained_layers": len(selection.trained),
         "trained_layer_fraction": selection.fraction,
-        "other_params_trained": train_other_params(config),
+        "other_params_trained": other_trained,
         "total_s": time.perf_counter() - started,
     }
     meta = {"model": model_label(config.model), "data": config.data or "default", "method": config.method,

@@ -14,8 +14,9 @@ more important):
 
 Suppression scales the LoRA branch through `ila.gates.LayerGates` (γ = β on the suppressed blocks' layers, 1
 elsewhere), the mechanism ILA's stage 2 learns. Draws depend only on (seed, step), and every process uses the
-same batch, so under data parallelism all processes keep the same scores. The scores and counts are saved with
-each Trainer checkpoint and read back on resume. At the end the scores are written as `DIR/ranking.json`
+same batch, so under data parallelism all processes keep the same scores. The scores and counts are saved into
+each Trainer checkpoint folder before the Trainer writes it (so a checkpoint complete by its
+`trainer_state.json` holds them) and read back on resume. At the end the scores are written as `DIR/ranking.json`
 (block-level: every layer gets its block's score; `metadata.method = "ist"`).
 """
 
@@ -152,9 +153,10 @@ def prepare(context: Context) -> Plan:
             update_scores(scores, trials, options.mu)
             rounds.append({"step": step, "losses": [loss for _, loss in trials]})
 
-        def on_save(self, args, state, control, **kwargs):
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-            write_json_atomic(path, {"scores": scores.tolist(), "updated": updated, "rounds": rounds})
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save and state.is_world_process_zero:  # before the Trainer writes the checkpoint
+                path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+                write_json_atomic(path, {"scores": scores.tolist(), "updated": updated, "rounds": rounds})
 
     def record() -> dict:
         return {"blocks": n, "update_blocks": n_update, "suppress_blocks": n_suppress,

@@ -130,18 +130,17 @@ def prepare(context: Context) -> Plan:
         def on_step_begin(self, args, state, control, **kwargs):
             k = state.global_step // options.interval
             wanted = active_blocks(options, n, k, config.seed, weights)
-            if wanted == self.active:
-                return
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            for b in range(n):
-                on = b in wanted
-                for p in block_params[b]:
-                    if not on:
-                        p.grad = None
-                        inner.state.pop(p, None)
-                    p.requires_grad_(on)
-            self.active = wanted
-            if state.global_step % options.interval == 0:  # a new interval, not a resumed one
+            if wanted != self.active:
+                inner = getattr(self.optimizer, "optimizer", self.optimizer)
+                for b in range(n):
+                    on = b in wanted
+                    for p in block_params[b]:
+                        if not on:
+                            p.grad = None
+                            inner.state.pop(p, None)
+                        p.requires_grad_(on)
+                self.active = wanted
+            if state.global_step % options.interval == 0:  # a new interval (not the middle of a resumed one)
                 self.pending = {"step": state.global_step, "active": wanted}
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -151,10 +150,9 @@ def prepare(context: Context) -> Plan:
                 self.schedule.append({**self.pending, "optimizer_state_bytes": state_bytes(self.optimizer),
                                       "active_param_bytes": active + outside_bytes})
                 self.pending = None
-
-        def on_save(self, args, state, control, **kwargs):
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / SCHEDULE_FILE
-            write_json_atomic(path, {"schedule": self.schedule})
+            if control.should_save and state.is_world_process_zero:  # before the Trainer writes the checkpoint
+                path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / SCHEDULE_FILE
+                write_json_atomic(path, {"schedule": self.schedule})
 
     callback = LisaCallback()
     selection = Selection("lisa", list(context.layers), len(context.layers))
