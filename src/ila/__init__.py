@@ -21,6 +21,8 @@ _EXPORTS = {
     "list_strategies": "ila.api",
     "train_options": "ila.api",
     "train": "ila.api",
+    "analyze": "ila.api",
+    "analyze_options": "ila.api",
     "experiment": "ila.api",
     "evaluate": "ila.api",
     "TrainConfig": "ila.config",

@@ -110,6 +110,27 @@ def train(out: str | Path, *, config: TrainConfig | str | Path | None = None, re
     return run_train(load_config(config, given, TrainConfig), out, resume=resume)
 
 
+def analyze_options() -> dict[str, str]:
+    """Keyword options of `analyze` (the CLI's flags by their Python names) → the config key each one sets."""
+    from ila.config import AnalyzeConfig
+    from ila.options import flag_paths
+
+    return flag_paths(AnalyzeConfig)
+
+
+def analyze(out: str | Path, *, config: str | Path | None = None, **options: Any) -> list[dict]:
+    """Compare a base and a tuned model layer by layer (`ila analyze`); writes the run folder `out` and returns
+    the metric rows (`metric, layer, mode, base, tuned, value`). `options` are the CLI's options by their Python
+    names (`base`, `tuned`, `data`, `ranking`, `max_examples`, `segments`, ...; see `analyze_options()`)."""
+    from ila.analysis.job import run_analyze
+    from ila.config import AnalyzeConfig
+
+    allowed = analyze_options()
+    _check_options("analyze", options, allowed)
+    given = {allowed[k]: v for k, v in options.items() if v is not None}
+    return run_analyze(load_config(config, given, AnalyzeConfig), out)
+
+
 def experiment(config: str | Path, out: str | Path) -> Path:
     """Run a YAML grid of fine-tunes (`ila experiment`), skipping finished cells; returns the Markdown table."""
     from ila.experiment import run_experiment

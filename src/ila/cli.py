@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from ila.api import EVAL_OPTIONS
-from ila.config import DATA_HELP, MODEL_HELP
+from ila.config import DATA_HELP, MODEL_HELP, AnalyzeConfig
 from ila.errors import IlaError
+from ila.options import add_flags
 
 EPILOG = "Docs: README.md and docs/. Add --debug to any command for a full traceback."
 
@@ -109,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
     _add_strategy_options(p)
+
+    p = sub.add_parser("analyze", help="what fine-tuning changed, layer by layer: base vs tuned (seeds/004)",
+                       description="Runs both models over --data once (streaming) and writes per-layer metrics "
+                       "(entropies, effective rank, sparsity, curvature, CKA, cosine, mean shift, logit lens), the "
+                       "weight change per block and layer swapping to --out: metrics.csv/.json and plots; with "
+                       "--ranking, correlation.csv. See docs/analysis.md.", epilog=EPILOG)
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--config", type=Path, help="YAML config (keys of ila.config.AnalyzeConfig); options override it")
+    add_flags(p, AnalyzeConfig)
 
     p = sub.add_parser("eval", help="score a base model, an adapter or a run: held-out loss, MC, exact match",
                        description="Held-out loss/perplexity on instruction data (a run's own held-out split by "
@@ -213,6 +223,13 @@ def _run(args: argparse.Namespace) -> int:
               + (f", held-out loss {run.heldout_loss:.4f}" if run.heldout_loss is not None else ""))
         print(f"wrote {args.out / 'run.json'}")
         return 0
+    if args.command == "analyze":
+        rows = ila.analyze(args.out, config=args.config,
+                           **{name: getattr(args, name) for name in ila.analyze_options()})
+        print(analyze_summary(rows))
+        print(f"wrote {args.out / 'metrics.csv'}, metrics.json and plots" +
+              (f", {args.out / 'correlation.csv'}" if (args.out / "correlation.csv").exists() else ""))
+        return 0
     if args.command == "eval":
         results = ila.evaluate(**{name: getattr(args, name) for name in EVAL_OPTIONS})
         print(format_eval(results))
@@ -254,6 +271,21 @@ def identify_summary(ranking) -> str:
         line += f"; stage 2: {meta['stage2_steps']} steps, " + (
             f"settled at step {settled}" if settled else "step cap reached before it settled")
     return line + f"\n{meta.get('near_ties', 0)} scores lie near the top-75 % cut (near-ties)"
+
+
+def analyze_summary(rows: list[dict]) -> str:
+    """Per-layer CKA and cosine between the models, and where the weights moved most."""
+    def series(metric: str) -> list[dict]:
+        return sorted((r for r in rows if r["metric"] == metric), key=lambda r: r["layer"])
+
+    cka, cosine, change = series("cka"), series("cosine"), series("weight_change_all")
+    lines = ["layer  " + " ".join(f"{r['layer']:>5}" for r in cka),
+             "cka    " + " ".join(f"{r['value']:5.3f}" for r in cka),
+             "cosine " + " ".join(f"{r['value']:5.3f}" for r in cosine)]
+    if change:
+        top = max(change, key=lambda r: r["value"])
+        lines.append(f"largest weight change: block {top['layer'] - 1} (‖ΔW‖_F = {top['value']:.4g})")
+    return "\n".join(lines)
 
 
 def format_eval(results: dict) -> str:

@@ -122,6 +122,38 @@ class IdentifyConfig:
         return self.method_options.get(method or self.method)
 
 
+@dataclass
+class AnalyzeConfig:
+    """Everything `ila analyze` needs (seeds/004's layer-wise base-vs-tuned analysis)."""
+
+    base: str | None = option(None, "the base model: " + MODEL_HELP, flag=True)
+    tuned: str | None = option(None, "the tuned model: a model folder (same architecture as --base), a PEFT LoRA "
+                               "adapter for --base, or an `ila train` run folder", flag=True)
+    data: str | None = option(None, DATA_HELP, flag=True)
+    ranking: str | None = option(None, "a ranking.json for --base: correlates each per-layer metric with its "
+                                 "block-level importance (correlation.csv)", flag=True)
+    max_examples: int = option(128, "examples analysed (dataset-level metrics keep one pooled vector per example "
+                               "per layer)", check=positive, flag=True)
+    max_length: int = option(256, "truncate examples to this many tokens", check=positive, flag=True)
+    batch_size: int = option(8, "examples per forward pass", check=positive, flag=True)
+    segments: int = option(5, "contiguous segments of blocks for layer swapping", check=positive, flag=True)
+    alpha: float = option(1.0, "order α of the matrix entropies (1: Shannon)", check=positive, flag=True)
+    sparsity_threshold: float = option(0.01, "|activation| below this counts as inactive (sparsity)",
+                                       check=positive, flag=True)
+    probe: bool = option(True, "logit lens: each layer through the final norm and LM head", flag=True)
+    swap: bool = option(True, "layer swapping: held-out perplexity with one segment exchanged", flag=True)
+    seed: int = option(0, "seed of the example sample", check=seed_range, flag=True)
+    dtype: str = option("float32", "float32, or bfloat16 weights", check=one_of("float32", "bfloat16"))
+
+    def validate(self) -> AnalyzeConfig:
+        check_fields(self)
+        if self.tuned is None:
+            raise IlaError("tuned: required (a model folder, a PEFT adapter for --base, or an ila train run folder)")
+        if self.segments < 2:
+            raise IlaError(f"segments: {self.segments} must be at least 2")
+        return self
+
+
 METHODS = ("lora", "qlora", "full", "adalora")
 
 

@@ -15,16 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
-from safetensors import safe_open
+from peft import get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
 
+from ila.adapters import load_lora_adapter
 from ila.config import IdentifyConfig
-from ila.errors import IlaError, first_line
+from ila.errors import IlaError
 from ila.importance.stability import StabilityCallback, StabilityDetector
-from ila.io import read_json
 from ila.layers import LayerId, base_model_of
 from ila.training import CostCallback, ResponseLossTrainer, training_arguments
 from ila.training.lora import lora_config
@@ -202,36 +201,13 @@ def save_update(update: Update, out: Path) -> None:
 
 
 def load_adapter(model: nn.Module, layers: list[LayerId], adapter: str | Path) -> Update:
-    """A trained PEFT LoRA adapter for `model` as an `Update` on the layers it adapts (one-line errors for an
-    adapter that is not LoRA, is DoRA, does not match the model, or is untrained)."""
-    adapter = Path(adapter)
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise IlaError(f"adapter {adapter}: no adapter_config.json (expected a PEFT adapter folder)")
-    adapter_config = read_json(config_file, f"adapter {adapter}: adapter_config.json")
-    if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
-        kind = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
-        raise IlaError(f"adapter {adapter}: peft_type {kind!r}, expected 'LORA'")
-    if adapter_config.get("use_dora"):
-        raise IlaError(f"adapter {adapter}: DoRA adapters are not supported (the gate assumes ΔW = β·B·A)")
-    weights_file = adapter / "adapter_model.safetensors"
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-        with safe_open(str(weights_file), "pt") as f:
-            saved = set(f.keys())
-    except Exception as exc:  # noqa: BLE001 - PEFT, safetensors and torch raise many types for a bad adapter
-        reason = first_line(exc)[:200]
-        raise IlaError(f"adapter {adapter}: does not match the model or is unreadable ({reason})") from None
-    expected = set(get_peft_model_state_dict(peft_model))
-    if saved != expected:
-        extra, missing = sorted(saved - expected), sorted(expected - saved)
-        what = f"weight {extra[0]} has no matching layer" if extra else f"no weight for {missing[0]}"
-        raise IlaError(f"adapter {adapter}: does not match the model ({what})")
+    """A trained PEFT LoRA adapter for `model` as an `Update` on the layers it adapts (see
+    `ila.adapters.load_lora_adapter` for what is refused); an untrained adapter is refused too."""
+    peft_model = load_lora_adapter(model, adapter)
     base = base_model_of(peft_model)
     adapted = [layer for layer in layers if hasattr(base.get_submodule(layer.name), "lora_B")]
     if not adapted:
         raise IlaError(f"adapter {adapter}: adapts none of the model's linear layers")
     if all(not torch.any(p) for n, p in peft_model.named_parameters() if "lora_B" in n):
         raise IlaError(f"adapter {adapter}: is untrained (every lora_B is zero), so no layer's update can be scored")
-    peft_model.eval()
     return Update(peft_model, adapted)

@@ -1,0 +1,1 @@
+"""`ila analyze`: what fine-tuning changed, layer by layer (seeds/004)."""
