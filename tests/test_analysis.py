@@ -150,3 +150,23 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_metrics(folders, data_file, 
     err = capsys.readouterr().err
     assert code == 2 and err.count("ila: error") == 1 and message in err.splitlines()[-1], err
     assert not (tmp_path / "out" / "metrics.csv").exists()
+
+
+def test_the_shipped_worked_example_config_loads():
+    from pathlib import Path
+
+    from ila.config import AnalyzeConfig, load_config
+
+    config = load_config(Path(__file__).parent.parent / "configs" / "analyze_smollm2.yaml", {}, AnalyzeConfig)
+    assert config.base == "smollm2-135m" and config.tuned == "runs/tuned_smollm2" and config.segments == 5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3", "olmo2"])
+def test_other_architectures_against_themselves(model_dirs, data_file, tmp_path, arch):
+    """The final norm and the blocks are found in each layout: the last layer's logit lens is the model's own."""
+    folder = str(model_dirs(arch))
+    rows = ila.analyze(tmp_path / "a", base=folder, tuned=folder, data=str(data_file), **{**FAST, "segments": 2})
+    assert all(r["value"] == pytest.approx(1.0, abs=1e-9) for r in rows if r["metric"] == "cka")
+    lens = by(rows, "logit_lens_ppl")
+    swaps = by(rows, "swap_ppl")
+    assert lens[max(lens)]["base"] == pytest.approx(swaps[0]["base"], rel=1e-6)  # both: the model's own perplexity
