@@ -17,12 +17,18 @@ def identify_options() -> dict[str, str]:
     from ila.importance.base import methods
     from ila.options import flag_paths
 
-    options = flag_paths(IdentifyConfig)
-    for name, method in methods().items():
-        if method.options is not None:
-            for keyword, dotted in flag_paths(method.options, f"{name}.").items():
+    return _with_option_flags(flag_paths(IdentifyConfig), methods(), "method")
+
+
+def _with_option_flags(options: dict[str, str], registry: dict[str, Any], what: str) -> dict[str, str]:
+    """`options` plus the flags of every registered method's or strategy's options (under its name)."""
+    from ila.options import flag_paths
+
+    for name, item in registry.items():
+        if item.options is not None:
+            for keyword, dotted in flag_paths(item.options, f"{name}.").items():
                 if keyword in options:
-                    raise ValueError(f"method {name}: flag of {dotted} repeats the flag of {options[keyword]}")
+                    raise ValueError(f"{what} {name}: flag of {dotted} repeats the flag of {options[keyword]}")
                 options[keyword] = dotted
     return options
 
@@ -79,17 +85,9 @@ TRAIN_OPTIONS = ("model", "data", "method", "strategy", "select", "rankings", "t
 def train_options() -> dict[str, str]:
     """Keyword options of `train` (the CLI's flags by their Python names) → the config key each one sets: the
     shared fields and every registered strategy's options (from its file, e.g. `lisa_layers` → `lisa.layers`)."""
-    from ila.options import flag_paths
     from ila.training.strategies.base import strategies
 
-    options = {name: name for name in TRAIN_OPTIONS}
-    for name, strategy in strategies().items():
-        if strategy.options is not None:
-            for keyword, dotted in flag_paths(strategy.options, f"{name}.").items():
-                if keyword in options:
-                    raise ValueError(f"strategy {name}: flag of {dotted} repeats the flag of {options[keyword]}")
-                options[keyword] = dotted
-    return options
+    return _with_option_flags({name: name for name in TRAIN_OPTIONS}, strategies(), "strategy")
 
 
 def train(out: str | Path, *, config: TrainConfig | str | Path | None = None, resume: bool = False,
