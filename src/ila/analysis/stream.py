@@ -12,8 +12,10 @@ transformers returns it). From those states, per layer and model (seeds/004 Sec.
 - probe (logit lens): the state through the final norm and LM head (the last layer: the model's own logits),
   next-token accuracy and loss on the response tokens.
 
-Memory: one batch's hidden states of both models (2 · (L+1) · batch · tokens · width values) plus the pooled
-vectors (2 · (L+1) · examples · width) and per-layer scalars; nothing grows with the number of tokens seen.
+The forward passes compute the LM head at the last position only (`logits_to_keep=1`); the probe applies it to
+the response positions it scores. Memory: one batch's hidden states of both models (2 · (L+1) · batch · tokens ·
+width values) plus the pooled vectors (2 · (L+1) · examples · width) and per-layer scalars, plus the probe's logits
+of one layer at a time (response tokens · vocabulary); nothing grows with the number of tokens seen.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from ila.analysis import metrics
 from ila.errors import IlaError
+from ila.training.loss import accepts_logits_to_keep
 
 MODELS = ("base", "tuned")
 
@@ -42,8 +45,8 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 
 def lens_logits(model: nn.Module, states: torch.Tensor, last: bool) -> torch.Tensor:
-    """Logits of hidden states through the final norm (not for the last layer: it is already normed) and the
-    LM head, with the model's final logit soft-capping if it has one."""
+    """Logits of hidden states through the final norm (not for the last layer: transformers returns it normed, so
+    there this is the model's own logits) and the LM head, with the model's final logit soft-capping if any."""
     if not last:
         states = final_norm(model)(states)
     logits = model.get_output_embeddings()(states).float()
@@ -83,13 +86,15 @@ class Stream:
         scored = targets != -100
         states = {}
         for name, model in models.items():
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=True, use_cache=False)
-            if len(out.hidden_states) != self.n_layers:
-                raise AssertionError(f"{name}: {len(out.hidden_states)} hidden states, expected {self.n_layers}")
-            states[name] = out.hidden_states
+            # the LM head runs on the last position only: the probe applies it where it needs it
+            kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True, use_cache=False, **kwargs).hidden_states
+            if len(hidden) != self.n_layers:
+                raise AssertionError(f"{name}: {len(hidden)} hidden states, expected {self.n_layers}")
+            states[name] = hidden
             if self.probe:
-                self._probe(name, model, out, scored, targets)
+                self._probe(name, model, hidden, scored, targets)
         for layer in range(self.n_layers):
             for name in MODELS:
                 s, h = self.stats[name][layer], states[name][layer].float()
@@ -104,11 +109,10 @@ class Stream:
             self.cosine[layer] += sum(metrics.mean_cosine(hb[i][mask[i]], ht[i][mask[i]]) for i in range(len(hb)))
         self.examples += int(mask.shape[0])
 
-    def _probe(self, name: str, model: nn.Module, out, scored: torch.Tensor, targets: torch.Tensor) -> None:
+    def _probe(self, name: str, model: nn.Module, hidden: tuple, scored: torch.Tensor, targets: torch.Tensor) -> None:
         wanted = targets[scored]
-        for layer, h in enumerate(out.hidden_states):
-            last = layer == self.n_layers - 1
-            logits = out.logits[:, :-1][scored].float() if last else lens_logits(model, h[:, :-1][scored], False)
+        for layer, h in enumerate(hidden):
+            logits = lens_logits(model, h[:, :-1][scored], last=layer == self.n_layers - 1)
             s = self.stats[name][layer]
             s.correct += int((logits.argmax(-1) == wanted).sum())
             s.loss += float(F.cross_entropy(logits, wanted, reduction="sum"))

@@ -38,6 +38,22 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
 
 
+def current_rss_bytes() -> int:
+    """The resident set size now (Linux VmRSS; 0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_now_bytes() -> int:
+    """CUDA memory allocated now on GPU, else the resident set size now."""
+    return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else current_rss_bytes()
+
+
 def peak_memory_bytes() -> int:
     """CUDA max allocated on GPU, else the peak RSS since the last `reset_peak_rss` (see `peak_rss_bytes`)."""
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else peak_rss_bytes()
@@ -55,6 +71,7 @@ class CostCallback(TrainerCallback):
     def __init__(self) -> None:
         self.step_ms: list[float] = []
         self.peak_bytes = 0
+        self.start_bytes = 0  # memory held when training starts (model, data, runtime): the peak's floor
         self._t0 = 0.0
         self._tokens_at_start = 0
 
@@ -64,6 +81,7 @@ class CostCallback(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
         else:
             reset_peak_rss()
+        self.start_bytes = memory_now_bytes()
 
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -89,6 +107,7 @@ class CostCallback(TrainerCallback):
             "steps": len(self.step_ms),
             "median_step_ms": statistics.median(self.step_ms) if self.step_ms else 0.0,
             "peak_memory_mb": self.peak_bytes / 2**20,
+            "start_memory_mb": self.start_bytes / 2**20,
         }
         if model is not None:
             out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
