@@ -120,6 +120,7 @@ def test_lisa_optimizer_state_tracks_the_active_set_after_every_switch(deep, dat
     inner = getattr(run.trainer.optimizer, "optimizer", run.trainer.optimizer)
     with_state = {block_of(n) for n, p in run.model.named_parameters() if p in inner.state}
     assert with_state - {None} == set(schedule[-1]["active"])
+    assert 0 < run.cost["start_memory_mb"] <= run.cost["peak_memory_mb"]  # the floor the peak grows from
 
 
 def test_lisa_resumes_the_same_schedule_and_weights(deep, data_file, tmp_path):
