@@ -24,14 +24,22 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> int:
-    """The peak RSS since the last `reset_peak_rss` (Linux VmHWM), else the process's lifetime peak."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (Linux, in KiB there) in bytes; None where it cannot be read."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The peak RSS since the last `reset_peak_rss` (Linux VmHWM), else the process's lifetime peak."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -40,13 +48,7 @@ def peak_rss_bytes() -> int:
 
 def current_rss_bytes() -> int:
     """The resident set size now (Linux VmRSS; 0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def memory_now_bytes() -> int:
