@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="every configuration recomputes "
+                        "activations in the backward pass (what remains is weights, gradients and optimizer state)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args()
     if args.worker:
@@ -110,11 +112,13 @@ def main() -> None:
           + f"; data {args.data}; batch {args.batch_size} × ≤{args.max_length} tokens; {args.steps} steps "
           "(median step time over all; LISA switches and IST updates its scores every 2 steps); "
           f"{args.repeats} repeats, each configuration in a fresh process; "
+          + ("gradient checkpointing; " if args.gradient_checkpointing else "") +
           f"device {'cuda' if _cuda() else 'cpu'}, {os.cpu_count()} cores", flush=True)
     results: dict[str, list[dict]] = {c: [] for c in args.configs}
     for repeat in range(args.repeats):
         for label in args.configs:
-            spec = {"model": model, "data": args.data, "options": CONFIGS[label], "steps": args.steps,
+            options = {**CONFIGS[label], **({"gradient_checkpointing": True} if args.gradient_checkpointing else {})}
+            spec = {"model": model, "data": args.data, "options": options, "steps": args.steps,
                     "batch_size": args.batch_size, "max_length": args.max_length, "interval": 2}
             done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                   text=True, env={**os.environ, "TQDM_DISABLE": "1"})
