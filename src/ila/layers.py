@@ -119,3 +119,12 @@ def role_order(layers: Iterable[LayerId]) -> list[str]:
     for layer in layers:
         seen.setdefault(layer.role, None)
     return list(seen)
+
+
+def contiguous_runs(n_blocks: int, segments: int) -> list[range]:
+    """`segments` contiguous runs of block indices, as equal as possible: with n_blocks = q·segments + m, the
+    first m runs hold q + 1 blocks and the rest q (numpy's `array_split`). Mid-Block segments and layer swapping
+    use it."""
+    q, m = divmod(n_blocks, segments)
+    starts = [i * q + min(i, m) for i in range(segments + 1)]
+    return [range(starts[i], starts[i + 1]) for i in range(segments)]

@@ -12,6 +12,7 @@ over the data (`stream.py`) + weight change and layer swapping (`weights.py`) â†
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import time
@@ -56,8 +57,7 @@ def load_pair(config: AnalyzeConfig):
     base_spec, folder, adapter = resolve_tuned(config)
     base, tokenizer = load_model(base_spec, dtype=dtype)
     if adapter is not None:
-        copy, _ = load_model(base_spec, dtype=dtype)
-        tuned = load_lora_adapter(copy, adapter).merge_and_unload()
+        tuned = load_lora_adapter(copy.deepcopy(base), adapter).merge_and_unload()  # the base read once
     else:
         tuned, _ = load_model(str(folder), dtype=dtype)
     check_same_architecture(base, tuned)

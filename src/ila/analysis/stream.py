@@ -96,17 +96,18 @@ class Stream:
             if self.probe:
                 self._probe(name, model, hidden, scored, targets)
         for layer in range(self.n_layers):
+            h = {name: states[name][layer].float() for name in MODELS}
             for name in MODELS:
-                s, h = self.stats[name][layer], states[name][layer].float()
-                s.below += int((h.abs() < self.threshold)[mask].sum())
-                s.entries += int(mask.sum()) * h.shape[-1]
-                for i in range(h.shape[0]):
-                    tokens = h[i][mask[i]]
+                s = self.stats[name][layer]
+                s.below += int((h[name].abs() < self.threshold)[mask].sum())
+                s.entries += int(mask.sum()) * h[name].shape[-1]
+                for i in range(len(mask)):
+                    tokens = h[name][i][mask[i]]
                     s.prompt_entropy += metrics.gram_entropy(tokens, self.alpha)
                     s.curvature += metrics.curvature(tokens)
                     s.pooled.append(tokens.mean(0).double().cpu())
-            hb, ht = states["base"][layer].float(), states["tuned"][layer].float()
-            self.cosine[layer] += sum(metrics.mean_cosine(hb[i][mask[i]], ht[i][mask[i]]) for i in range(len(hb)))
+            self.cosine[layer] += sum(metrics.mean_cosine(h["base"][i][mask[i]], h["tuned"][i][mask[i]])
+                                      for i in range(len(mask)))
         self.examples += int(mask.shape[0])
 
     def _probe(self, name: str, model: nn.Module, hidden: tuple, scored: torch.Tensor, targets: torch.Tensor) -> None:

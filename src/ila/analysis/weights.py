@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ila.errors import IlaError
-from ila.layers import discover_layers, find_blocks
+from ila.layers import contiguous_runs, discover_layers, find_blocks
 
 
 def check_same_architecture(base: nn.Module, tuned: nn.Module) -> None:
@@ -57,15 +57,11 @@ def weight_change(base: nn.Module, tuned: nn.Module) -> list[dict]:
 
 
 def segment_ranges(n_blocks: int, segments: int) -> list[range]:
-    """`segments` contiguous runs of blocks, as equal as possible (the first n_blocks % segments one longer)."""
+    """`segments` contiguous runs of blocks (`ila.layers.contiguous_runs`), refusing a count the model cannot
+    split."""
     if not 2 <= segments <= n_blocks:
         raise IlaError(f"segments: {segments} must be between 2 and the model's {n_blocks} blocks")
-    q, m = divmod(n_blocks, segments)
-    out, start = [], 0
-    for i in range(segments):
-        out.append(range(start, start + q + (i < m)))
-        start += q + (i < m)
-    return out
+    return contiguous_runs(n_blocks, segments)
 
 
 @contextmanager

@@ -53,13 +53,9 @@ def segment_blocks(segments: str, n_blocks: int) -> list[list[int]]:
     s = len(segments)
     if s > n_blocks:
         raise IlaError(f"midblock.segments: {segments!r} has {s} segments but the model has only {n_blocks} blocks")
-    q, m = divmod(n_blocks, s)
-    out, start = [], 0
-    for i in range(s):
-        size = q + (i < m)
-        out.append(list(range(start, start + size)))
-        start += size
-    return out
+    from ila.layers import contiguous_runs
+
+    return [list(run) for run in contiguous_runs(n_blocks, s)]
 
 
 def matched_rank(r: int, all_cost: int, adapted_cost: int) -> int:
