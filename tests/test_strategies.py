@@ -239,6 +239,16 @@ def test_midblock_adapts_the_marked_segments_at_all_layer_loras_budget(deep, dat
     assert peft_config.r == rank and peft_config.lora_alpha == pytest.approx(32.0 * rank / 4)
 
 
+def test_midblock_on_gpt2_conv1d_layers(model_dirs, data_file, tmp_path):
+    """GPT-2's projections are Conv1D (weight d_in × d_out): the budget counts them like nn.Linear."""
+    run = train(model_dirs("gpt2"), data_file, tmp_path / "run", strategy="midblock", max_steps=1,
+                **{"midblock.segments": "01"})
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert {block_of(n.replace(".h.", ".layers.")) for n in selection["trained"]} == {1}
+    assert set(selection["ranks"].values()) == {8}  # rank 4 over two blocks, concentrated on one
+    assert run.cost["trainable_params"] == selection["all_layer_lora_params"]
+
+
 def test_midblock_keep_rank_keeps_lora_r(deep, data_file, tmp_path):
     train(deep["llama6"], data_file, tmp_path / "run", strategy="midblock", max_steps=1,
           **{"midblock.segments": "001", "midblock.keep_rank": True})

@@ -76,8 +76,8 @@ def prepare(context: Context) -> Plan:
     adapted = [x for x in layers if x.block in chosen]
     base = base_model_of(context.model)
 
-    def cost(xs) -> int:
-        return sum(base.get_submodule(x.name).in_features + base.get_submodule(x.name).out_features for x in xs)
+    def cost(xs) -> int:  # d_in + d_out: the sum of the weight's shape (nn.Linear and GPT-2's Conv1D alike)
+        return sum(sum(base.get_submodule(x.name).weight.shape) for x in xs)
 
     lora = config.lora
     if not options.keep_rank:
