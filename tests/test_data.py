@@ -344,3 +344,34 @@ def test_bigbench_errors(bigbench_cache: Path, monkeypatch: pytest.MonkeyPatch) 
         with pytest.raises(IlaError, match=pattern) as info:
             load_examples(spec)
         assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------- text rows
+
+
+def test_text_rows_learn_every_token(tmp_path: Path, plain_tok, chat_tok) -> None:
+    """`{"text": ...}` rows (mixed with alpaca rows in one file) are their tokens + EOS, every one a label: no
+    chat template and no prompt mask, with the tokenizer's own BOS where it adds one."""
+    text = "The quick brown fox jumps over the lazy dog."
+    path = _write(tmp_path / "mixed.jsonl", [{"text": text}, ALPACA[0], {"text": "  "}], jsonl=True)
+    examples = load_examples(str(path))
+    assert examples[0] == {"text": text} and "messages" in examples[1] and len(examples) == 2  # blank dropped
+    for tok, bos in ((plain_tok, [plain_tok.bos_token_id]), (chat_tok, [])):
+        row = format_example(examples[0], tok, max_length=512)
+        expected = [*bos, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        assert row["input_ids"] == row["labels"] == expected
+        assert IGNORE_INDEX not in row["labels"]
+        assert format_example(examples[0], tok, max_length=5)["input_ids"] == expected[:5]
+    ds = build_dataset(examples, chat_tok, max_length=64)
+    assert len(ds) == 2 and IGNORE_INDEX in ds[1]["labels"]  # the alpaca row keeps its prompt mask
+
+
+def test_text_row_errors(tmp_path: Path) -> None:
+    path = _write(tmp_path / "bad.jsonl", [{"text": 3}], jsonl=True)
+    with pytest.raises(IlaError, match=r"line 1: field 'text' is int 3, expected a string"):
+        load_examples(str(path))
+    from ila.evaluation.exact_match import exact_match_items
+
+    good = _write(tmp_path / "text.jsonl", [{"text": "some words"}], jsonl=True)
+    with pytest.raises(IlaError, match="text rows have no prompt and target"):
+        exact_match_items(str(good), limit=None)

@@ -25,6 +25,10 @@ _EXPORTS = {
     "analyze_options": "ila.api",
     "experiment": "ila.api",
     "evaluate": "ila.api",
+    "export": "ila.exports",
+    "peft_config": "ila.exports",
+    "prepare_strategy": "ila.integration",
+    "rank_update": "ila.integration",
     "TrainConfig": "ila.config",
     "select_layers": "ila.selection",
     "Selection": "ila.selection",
@@ -46,6 +50,7 @@ _EXPORTS = {
     "StabilityCallback": "ila.importance.stability",
     "plot_heatmap": "ila.report",
     "plot_agreement": "ila.report",
+    "write_report": "ila.report.html",
 }
 
 __all__ = sorted(_EXPORTS)

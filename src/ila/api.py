@@ -79,7 +79,7 @@ def list_methods() -> str:
 
 TRAIN_OPTIONS = ("model", "data", "method", "strategy", "select", "rankings", "transfer", "seed", "select_seed",
                  "max_steps", "max_examples", "max_length", "learning_rate", "batch_size", "train_other", "data_seed",
-                 "gradient_checkpointing")
+                 "gradient_checkpointing", "report_to")
 
 
 def train_options() -> dict[str, str]:
@@ -131,8 +131,11 @@ def analyze(out: str | Path, *, config: str | Path | None = None, **options: Any
 
 def experiment(config: str | Path, out: str | Path) -> Path:
     """Run a YAML grid of fine-tunes (`ila experiment`), skipping finished cells; returns the Markdown table."""
+    from ila.distributed import refuse_distributed
     from ila.experiment import run_experiment
 
+    refuse_distributed("experiment", "it runs its cells one after another and evaluates them with lm-eval in one "
+                       "process; launch each `ila train` or `ila identify` distributed instead")
     return run_experiment(config, out)
 
 
@@ -142,7 +145,9 @@ EVAL_OPTIONS = ("model", "adapter", "run", "data", "max_examples", "max_length",
 
 def evaluate(**options: Any) -> dict:
     """Score a model, adapter or run folder (`ila eval`); options are the CLI's by their Python names."""
+    from ila.distributed import refuse_distributed
     from ila.evaluation.job import run_eval
 
     _check_options("evaluate", options, EVAL_OPTIONS)
+    refuse_distributed("eval", "lm-eval scores an in-memory model in one process")
     return run_eval(**{k: v for k, v in options.items() if v is not None})

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--select top:F or names:REGEX, which train only the layers they name)")
     p.add_argument("--max-examples", type=int, help="cap on the examples read from --data")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
+    p.add_argument("--report-to", help="any TrainingArguments.report_to value: tensorboard (event files in "
+                   "DIR/logs/), wandb, ... (default none)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
     _add_strategy_options(p)
 
@@ -157,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=["layer", "block"], default="layer", help="compare layer orders (default) "
                    "or block orders: each block scores the mean rank of its layers")
 
+    p = sub.add_parser("export", help="write a ranking's selected layers as a PEFT, axolotl, LLaMA-Factory or "
+                       "Spectrum config", description="The layers --select picks from RANKING, as the config "
+                       "another tool trains exactly them with (see docs/export.md).", epilog=EPILOG)
+    p.add_argument("ranking", type=Path, help="ranking.json")
+    p.add_argument("--select", default="top:0.3", help="which layers (as for `ila train`; default top:0.3)")
+    p.add_argument("--format", required=True, help="peft, axolotl, llama-factory or spectrum")
+    p.add_argument("--out", type=Path, help="file to write, or a folder for the format's usual file name")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random:F selection (default 0)")
+    p.add_argument("--r", type=int, help="LoRA rank (peft, axolotl, llama-factory)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha / r)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout probability")
+
+    p = sub.add_parser("report", help="one self-contained HTML page of runs and rankings",
+                       description="Heatmaps, top/bottom layers, agreement across the rankings, stage-1/2 curves, "
+                       "cost, train selections and analysis plots of the given run folders and ranking.json "
+                       "files, in one offline HTML file (see docs/report.md).", epilog=EPILOG)
+    p.add_argument("paths", nargs="+", type=Path, help="run folders (identify, train, analyze) or ranking.json files")
+    p.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    p.add_argument("--title", help="page title (default: ila report)")
+
     p = sub.add_parser("demo", help="rank smollm2-135m on two disjoint natural_instructions subsets "
                        "(QASC, MCTACO) and compare",
                        epilog=EPILOG)
@@ -188,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import ila
+    from ila.distributed import is_main_process
 
     if args.command == "identify":
         if args.list_methods:
@@ -197,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
             raise IlaError("identify: --out is required (the run folder to write)")
         options = {name: getattr(args, name) for name in ila.identify_options() if getattr(args, name) is not None}
         result = ila.identify(args.out, config=args.config, resume=args.resume, **options)
+        if not is_main_process():  # a multi-process launch: the main process reports
+            return 0
         if isinstance(result, dict):  # --method all
             for ranking in result.values():
                 print(identify_summary(ranking).split("\n")[0])
@@ -216,6 +241,8 @@ def _run(args: argparse.Namespace) -> int:
             raise IlaError("train: --out is required (the run folder to write)")
         run = ila.train(args.out, config=args.config, resume=args.resume,
                         **{name: getattr(args, name) for name in ila.train_options()})
+        if not is_main_process():
+            return 0
         c = run.cost
         print(f"trained {c['trained_layers']} linear layers ({c['trained_layer_fraction']:.0%}), "
               f"{c['trainable_params']:,} trainable parameters, {c['steps']} steps, median {c['median_step_ms']:.0f} "
@@ -226,6 +253,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "analyze":
         rows = ila.analyze(args.out, config=args.config,
                            **{name: getattr(args, name) for name in ila.analyze_options()})
+        if not is_main_process():
+            return 0
         print(analyze_summary(rows))
         print(f"wrote {args.out / 'metrics.csv'}, metrics.json and plots" +
               (f", {args.out / 'correlation.csv'}" if (args.out / "correlation.csv").exists() else ""))
@@ -248,6 +277,14 @@ def _run(args: argparse.Namespace) -> int:
             ila.write_comparison(comparison, args.out)
             print(f"wrote {args.out / 'jaccard.csv'}, {args.out / 'spearman.csv'}, {args.out / 'agreement.png'} "
                   f"and {args.out / 'comparison.json'}")
+        return 0
+    if args.command == "export":
+        written = ila.export(args.ranking, args.select, args.format, args.out, seed=args.seed, r=args.r,
+                             lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+        print(f"wrote {written}")
+        return 0
+    if args.command == "report":
+        print(f"wrote {ila.write_report(args.paths, args.out, title=args.title)}")
         return 0
     if args.command == "demo":
         from ila.demo import run_demo

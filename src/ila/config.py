@@ -95,7 +95,8 @@ class IdentifyConfig:
     heldout_fraction: float = option(0.1, "fraction of examples held out (the stage-1 probe is drawn from them)",
                                      check=below_one)
     dtype: str = option("float32", "float32, or bfloat16 autocast", check=one_of("float32", "bfloat16"))
-    report_to: str = option("none", "any TrainingArguments.report_to value (e.g. tensorboard, wandb)")
+    report_to: str = option("none", "any TrainingArguments.report_to value: tensorboard (event files in "
+                            "DIR/logs/), wandb, ...", flag=True)
     lora: LoraConfig = field(default_factory=LoraConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     method_options: dict[str, Any] = field(default_factory=dict)

@@ -1,10 +1,12 @@
 """Fine-tuning data: load examples, tokenise them with loss masking, split off a held-out set.
 
 An example is `{"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", "content": ...}]}`:
-the last message is the response, everything before it is the prompt. Sources (see docs/data.md):
+the last message is the response, everything before it is the prompt; or `{"text": ...}`, plain text whose
+every token is learned (continued pre-training, TRL's text datasets). Sources (see docs/data.md):
 
 * a local `.json` (a list) or `.jsonl` file in alpaca form (`instruction`, optional `input`, `output`),
-  messages form (`messages`) or LIMA form (`conversations`: alternating user/assistant strings);
+  messages form (`messages`), LIMA form (`conversations`: alternating user/assistant strings) or text form
+  (`text`);
 * `bigbench:TASK[/SUBTASK,...]`, read from the BIG-bench source archive (`ila.bigbench`);
 * a directory of data files or a Hugging Face dataset name, via `datasets.load_dataset`.
 """
@@ -46,17 +48,23 @@ PLAIN_TEMPLATE = PLAIN_HEADERS["user"] + "{instruction}" + PLAIN_SEPARATOR + PLA
 
 _LOCAL_SUFFIXES = (".json", ".jsonl")
 
-Example = dict[str, list[dict[str, str]]]
+Example = dict[str, Any]  # {"messages": [...]} or {"text": str}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Row normalisation (shared by local files and `datasets` rows)
 
 
-def _row_to_messages(row: Any, where: str) -> list[dict[str, str]] | None:
-    """Normalise one row to a messages list; None when its response is empty. WHERE names the row."""
+def _row_to_example(row: Any, where: str) -> Example | None:
+    """Normalise one row to `{"messages": [...]}` or `{"text": ...}`; None when its response (or text) is empty.
+    WHERE names the row."""
     if not isinstance(row, dict):
         raise IlaError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "text" in row and not {"messages", "conversations", "instruction", "output"} & set(row):
+        if not isinstance(row["text"], str):
+            raise IlaError(f"{where}: field 'text' is {type(row['text']).__name__} {_short(row['text'])}, "
+                           "expected a string")
+        return {"text": row["text"]} if row["text"].strip() else None
     if "messages" in row:
         messages = _check_messages(row["messages"], f"{where}: field 'messages'")
     elif "conversations" in row:
@@ -65,9 +73,9 @@ def _row_to_messages(row: Any, where: str) -> list[dict[str, str]] | None:
         messages = _alpaca_to_messages(row, where)
     else:
         keys = ", ".join(sorted(map(str, row))) or "none"
-        raise IlaError(f"{where}: missing field 'instruction' (alpaca form: instruction, input, output) "
-                       f"or 'messages' (messages form); fields present: {keys}")
-    return messages if messages[-1]["content"].strip() else None
+        raise IlaError(f"{where}: missing field 'instruction' (alpaca form: instruction, input, output), "
+                       f"'messages' (messages form) or 'text' (text form); fields present: {keys}")
+    return {"messages": messages} if messages[-1]["content"].strip() else None
 
 
 def _alpaca_to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -166,11 +174,11 @@ def _normalise_rows(rows: Iterable[tuple[str, Any]], source: str) -> list[Exampl
     examples, empty, total = [], 0, 0
     for where, row in rows:
         total += 1
-        messages = _row_to_messages(row, where)
-        if messages is None:
+        example = _row_to_example(row, where)
+        if example is None:
             empty += 1
         else:
-            examples.append({"messages": messages})
+            examples.append(example)
     if empty:
         log.warning("%s: dropped %d of %d rows with an empty response", source, empty, total)
     if not examples:
@@ -200,10 +208,10 @@ def _read_hf(name: str, max_examples: int | None, seed: int) -> list[Example]:
         ds = loaded[split]
     else:
         ds = loaded
-    forms = ({"messages"}, {"conversations"}, {"instruction", "output"})
+    forms = ({"messages"}, {"conversations"}, {"instruction", "output"}, {"text"})
     if not any(form <= set(ds.column_names) for form in forms):
         raise IlaError(f"dataset {name!r}: columns {', '.join(ds.column_names)}; expected 'instruction' and "
-                       "'output' (alpaca form), 'messages' or 'conversations'")
+                       "'output' (alpaca form), 'messages', 'conversations' or 'text'")
     indices = list(range(len(ds)))
     if max_examples is not None and max_examples < len(indices):
         indices = sorted(random.Random(seed).sample(indices, max_examples))
@@ -328,7 +336,10 @@ def format_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_len
     right; `labels` = -100 on the prompt, the ids on the response. None when no response token is left.
 
     Prompt and response are tokenised separately, so the prompt part is exactly the prompt's own tokens.
+    A text example is its tokens (with the tokenizer's own special tokens) + EOS, every one of them a label.
     """
+    if "text" in example:
+        return _format_text(example["text"], tokenizer, max_length)
     messages = example["messages"]
     prompt_tokens = prompt_ids(render_prompt(messages[:-1], tokenizer), tokenizer)
     eos = tokenizer.eos_token_id
@@ -341,6 +352,16 @@ def format_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_len
     input_ids = (prompt_tokens + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_tokens) + response_ids)[:max_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def _format_text(text: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict | None:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise IlaError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token, expected one to end texts")
+    ids = [*tokenizer(text, add_special_tokens=True)["input_ids"], eos][:max_length]
+    if len(ids) < 2:  # a causal LM learns from a token's successor: one token has none
+        return None
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
 
 
 def build_dataset(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ila.config import AnalyzeConfig, to_dict
+from ila.distributed import is_main_process
 from ila.errors import IlaError
 from ila.io import check_output_folder, read_json, write_json_atomic, write_text_atomic
 
@@ -65,7 +66,8 @@ def load_pair(config: AnalyzeConfig):
 
 
 def run_analyze(config: AnalyzeConfig, out: str | Path) -> list[dict]:
-    """Analyse base vs tuned on the data and write the run folder `out`; returns the metric rows."""
+    """Analyse base vs tuned on the data and write the run folder `out`; returns the metric rows. In a
+    multi-process launch every process checks the inputs, and the main one analyses (others return [])."""
     from tqdm.auto import tqdm
 
     from ila.analysis.stream import Stream
@@ -94,6 +96,8 @@ def run_analyze(config: AnalyzeConfig, out: str | Path) -> list[dict]:
     if ranking is not None:
         check_matches(ranking, layers)
     dataset = build_dataset(examples, tokenizer, max_length=config.max_length)
+    if not is_main_process():  # forward passes only, nothing to share: the main process analyses and writes
+        return []
     collator = collate(tokenizer)
     device = next(base.parameters()).device
 

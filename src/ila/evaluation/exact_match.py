@@ -168,6 +168,9 @@ def exact_match_items(spec: str, *, limit: int | None = 50, seed: int = 0) -> li
         groups = _bigbench_items(spec, seed)
         return [x for g in groups for x in g] if limit is None else bigbench.sample_evenly(groups, limit, seed)
     examples = load_examples(spec, max_examples=limit, seed=seed)
+    if any("text" in ex for ex in examples):
+        raise IlaError(f"exact match on {spec}: text rows have no prompt and target; expected alpaca, messages or "
+                       "conversations rows")
     return [{"messages": ex["messages"][:-1], "targets": [ex["messages"][-1]["content"]], "output_regex": None,
              "stop_string": None, "subtask": ""} for ex in examples]
 

@@ -11,6 +11,7 @@ Run folder::
     DIR/delta.safetensors  the stage-1 update θ_t − θ₀ of the ranked layers (full stage 1)
     DIR/milestones/        ranking_<fraction>.json per stage-1 milestone, when asked for
     DIR/checkpoints/       Trainer checkpoints of stage 1 (for --resume)
+    DIR/logs/stage1/, DIR/logs/stage2/   TensorBoard event files (report_to: tensorboard)
 
 With `--method all`: `DIR/<method>/` holds each method's ranking.json and heatmap.png, `DIR/adapter/` (or
 `delta.safetensors`) the one stage-1 update they share, and `DIR/` their comparison: jaccard.csv,
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ila.config import IdentifyConfig, flatten, to_dict
+from ila.distributed import is_main_process, world_size
 from ila.errors import IlaError
 from ila.importance.base import (
     ALL,
@@ -129,7 +131,7 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
         _check_same_config(ranking, config, folder[name])
     todo = [m for m in chosen if m.name not in done]
     if every and not todo:  # every method finished; the comparison was not written yet
-        return _write_all(out, chosen, done)
+        return _write_all(out, chosen, done) if is_main_process() else done
     started = time.perf_counter()
     weights = None
     if any(NEEDS_WEIGHTS in m.needs for m in todo):  # before the model: a folder without safetensors fails fast
@@ -161,6 +163,7 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
         "ranked_layer_fraction": len(layers) / linear_layers,
         "train_examples": len(train),
         "heldout_examples": len(heldout),
+        "processes": world_size(),
         "config": to_dict(config),
         "versions": package_versions(),
     }
@@ -187,7 +190,8 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
         tracked: dict[str, Any] = {}
         stage1_meta: dict = {}
         if update is not None:
-            shutil.copytree(config.adapter, out / "adapter", dirs_exist_ok=True)
+            if is_main_process():
+                shutil.copytree(config.adapter, out / "adapter", dirs_exist_ok=True)
             stage1_meta = {"adapter": str(config.adapter), "update": "lora", "stability_step": None,
                            "stage1_steps": 0}
         else:
@@ -213,6 +217,8 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
             _score_milestones(method, inputs, milestones, meta, folder[method.name])
             rankings[method.name] = _score_and_write(method, inputs, meta, timings, started, folder[method.name])
 
+    if not is_main_process():
+        return {m.name: rankings[m.name] for m in chosen} if every else rankings[chosen[0].name]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # kept only to resume an unfinished run
     return _write_all(out, chosen, rankings) if every else rankings[chosen[0].name]
 
@@ -263,6 +269,8 @@ def _score_and_write(method: ImportanceMethod, inputs: Inputs, meta: dict, timin
                                            method.needs_update() else {})}
     own |= {"score_s": score_s, "total_s": sum(own.values()) + score_s, "wall_s": time.perf_counter() - started}
     ranking = make_ranking(method, inputs, scored, {**meta, "timings": own})
+    if not is_main_process():  # every process scores (training is collective); the main one writes
+        return ranking
     on = f" on {meta['data']}" if meta.get("data") else ""
     out.mkdir(parents=True, exist_ok=True)
     plot_heatmap(ranking, out / "heatmap.png", title=f"{method.title or method.name}: {meta['model']}{on}")
@@ -283,7 +291,8 @@ def _score_milestones(method: ImportanceMethod, inputs: Inputs, milestones: list
         scored = method.score(inputs)
         _load_weights(model, current)
         ranking = make_ranking(method, inputs, scored, {**meta, "milestone": fraction, "milestone_step": step})
-        ranking.save(out / "milestones" / f"ranking_{fraction:g}.json")
+        if is_main_process():
+            ranking.save(out / "milestones" / f"ranking_{fraction:g}.json")
 
 
 def _check_method_inputs(config: IdentifyConfig, chosen: list[ImportanceMethod], resume: bool, every: bool) -> None:

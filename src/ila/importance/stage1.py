@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from ila.adapters import load_lora_adapter
 from ila.config import IdentifyConfig
+from ila.distributed import full_weights, is_main_process, whole
 from ila.errors import IlaError
 from ila.importance.stability import StabilityCallback, StabilityDetector
 from ila.layers import LayerId, base_model_of
@@ -41,16 +42,19 @@ class Update:
     def delta(self, layer: LayerId) -> torch.Tensor:
         """ΔW of `layer`'s weight, in the weight's layout: β·B·A (LoRA, Eq. 4) or θ_t − θ₀ (full)."""
         module = base_model_of(self.model).get_submodule(layer.name)
-        if self.initial is not None:
-            return module.weight.detach() - self.initial[layer.name]["weight"].to(module.weight.device)
-        return module.get_delta_weight("default").detach()
+        with full_weights(module):
+            if self.initial is not None:
+                weight = whole(module.weight.detach())
+                return weight - self.initial[layer.name]["weight"].to(weight.device)
+            return whole(module.get_delta_weight("default").detach())
 
     def base_weight(self, layer: LayerId) -> torch.Tensor:
         """W₀ of `layer`'s weight."""
         module = base_model_of(self.model).get_submodule(layer.name)
         if self.initial is not None:
             return self.initial[layer.name]["weight"]
-        return module.get_base_layer().weight.detach()
+        with full_weights(module):
+            return whole(module.get_base_layer().weight.detach()).clone()
 
 
 @dataclass
@@ -96,7 +100,8 @@ def prepare_full(model: nn.Module, layers: list[LayerId]) -> dict[str, dict[str,
     initial = {}
     for layer in layers:
         module = base.get_submodule(layer.name)
-        initial[layer.name] = {n: p.detach().clone() for n, p in module.named_parameters(recurse=False)}
+        with full_weights(module):  # θ₀ whole, also where an engine shards the parameters
+            initial[layer.name] = {n: whole(p.detach()).clone() for n, p in module.named_parameters(recurse=False)}
         for p in module.parameters(recurse=False):
             p.requires_grad_(True)
     return initial
@@ -157,6 +162,7 @@ def run_stage1(
         eval_dataset=probe,
         data_collator=collator,
         callbacks=[stability, cost, milestones, *tracked.values()],
+        logging_dir=work_dir.parent / "logs" / "stage1",
     )
     checkpoint = last_complete_checkpoint(work_dir) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -187,17 +193,21 @@ def milestone_schedule(fractions: list[float], max_steps: int) -> dict[int, floa
 
 
 def save_update(update: Update, out: Path) -> None:
-    """Stage-1 adapter (`out/adapter/`, LoRA) or ΔW = θ_t − θ₀ of the updated layers (`out/delta.safetensors`)."""
+    """Stage-1 adapter (`out/adapter/`, LoRA) or ΔW = θ_t − θ₀ of the updated layers (`out/delta.safetensors`);
+    call it on every process, the main one writes."""
     if update.initial is None:
-        update.model.save_pretrained(out / "adapter")
+        update.model.save_pretrained(out / "adapter", is_main_process=is_main_process())
         return
     base = base_model_of(update.model)
     delta = {}
     for layer in update.layers:
-        for pname, p in base.get_submodule(layer.name).named_parameters(recurse=False):
-            initial = update.initial[layer.name][pname].to(p.device)
-            delta[f"{layer.name}.{pname}"] = (p.detach() - initial).contiguous().cpu()
-    save_file(delta, str(out / "delta.safetensors"))
+        module = base.get_submodule(layer.name)
+        with full_weights(module):
+            for pname, p in module.named_parameters(recurse=False):
+                value = whole(p.detach())
+                delta[f"{layer.name}.{pname}"] = (value - update.initial[layer.name][pname].to(value.device)).cpu()
+    if is_main_process():  # every process gathers (a collective under ZeRO-3); the main one writes
+        save_file(delta, str(out / "delta.safetensors"))
 
 
 def load_adapter(model: nn.Module, layers: list[LayerId], adapter: str | Path) -> Update:

@@ -156,6 +156,7 @@ def run_stage2(
         callbacks=[cost, settle, *(callbacks or [])],
         extra_loss=penalty,
         frozen_eval=True,
+        logging_dir=Path(work_dir).parent / "logs" / "stage2",
     )
     try:
         trainer.train()

@@ -1,4 +1,4 @@
-"""Reports: heatmaps of layer scores and of ranking agreement (PNG)."""
+"""Reports: heatmaps of layer scores and of ranking agreement (PNG); one HTML page per study (`html.py`)."""
 
 from ila.report.agreement import plot_agreement
 from ila.report.heatmap import plot_heatmap

@@ -7,6 +7,7 @@ data → model → strategy (`ila.training.strategies`: which layers train, and 
     DIR/adapter/           PEFT adapter (lora, qlora, adalora)      DIR/model/  full weights (safetensors)
     DIR/checkpoints/       Trainer checkpoints (resume with --resume)
     DIR/ranking.json       block importance learned during training (strategy ist)
+    DIR/logs/              TensorBoard event files (report_to: tensorboard)
 
 How layers are frozen or adapted: `ila.training.methods`.
 Defaults follow seeds/000 App. B: AdamW β = (0.9, 0.99), weight decay 0.1, cosine, warmup 0.01, LoRA r = 32,
@@ -15,7 +16,6 @@ dropout 0.1.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from transformers import TrainerCallback, set_seed
 
 from ila.config import TrainConfig, to_dict
 from ila.data import build_dataset, collate, load_examples, split_train_heldout
+from ila.distributed import is_main_process, world_size
 from ila.errors import IlaError
 from ila.evaluation.heldout import heldout_loss as heldout_metrics
 from ila.io import check_output_folder, write_json_atomic
@@ -87,7 +88,7 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     in_layers = {id(p) for x in layers for p in base_model_of(model).get_submodule(x.name).parameters()}
     other_trained = any(p.requires_grad for p in base_model_of(model).parameters() if id(p) not in in_layers)
     out.mkdir(parents=True, exist_ok=True)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes files
+    main_process = is_main_process()  # under accelerate/torchrun only the main process writes files
     if main_process:
         write_json_atomic(out / "selection.json", selection.to_json())
 
@@ -103,7 +104,7 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
         gradient_checkpointing=config.gradient_checkpointing, find_unused_parameters=plan.sparse_steps,
     )
     trainer = ResponseLossTrainer(model=model, args=args, train_dataset=train, data_collator=collate(tokenizer),
-                                  callbacks=callbacks, extra_loss=plan.extra_loss)
+                                  callbacks=callbacks, extra_loss=plan.extra_loss, logging_dir=out / "logs")
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out / "checkpoints") if resume else None)
     heldout_loss = heldout_metrics(model, heldout, collate(tokenizer))["loss"] if len(heldout) else None
 
@@ -124,7 +125,7 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
         "total_s": time.perf_counter() - started,
     }
     meta = {"model": model_label(config.model), "data": config.data or "default", "method": config.method,
-            "strategy": config.strategy, "select": config.select, "seed": config.seed}
+            "strategy": config.strategy, "select": config.select, "seed": config.seed, "processes": world_size()}
     if plan.finish is not None:
         plan.finish(out, meta)
     write_json_atomic(out / "run.json", {

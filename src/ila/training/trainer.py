@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
 from ila.errors import IlaError, first_line
@@ -35,6 +36,7 @@ class ResponseLossTrainer(Trainer):
     it, `model_accepts_loss_kwargs` on the earlier 5.x ones (which also makes them count `num_items_in_batch`).
     `extra_loss()` is added once per optimizer step (1/k per micro-batch).
 
+    `logging_dir`: where `report_to: tensorboard` writes its event files.
     `frozen_eval=True` keeps the model in eval mode during training steps (no dropout): used by stage 2,
     where only the gate scores learn and the network must behave as at inference.
     The task loss and the extra term are logged apart (`task_loss`, `penalty`; means over processes and steps).
@@ -42,9 +44,13 @@ class ResponseLossTrainer(Trainer):
 
     def __init__(
         self, *args: Any, extra_loss: Callable[[], torch.Tensor] | None = None, frozen_eval: bool = False,
-        **kwargs: Any,
+        logging_dir: str | Path | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if logging_dir is not None:  # TensorBoard event files in the run folder (default: output_dir/runs/<time>)
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                    callback.logging_dir = str(logging_dir)
         self.model_accepts_loss_kwargs = True
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(QuietProgressCallback)

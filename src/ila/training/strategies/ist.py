@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ila.distributed import refuse_distributed
 from ila.errors import IlaError
 from ila.io import read_json, write_json_atomic
 from ila.options import fraction, fraction_or_zero, option, positive
@@ -53,6 +54,8 @@ class IstOptions:
 
 def check(config: Any, options: IstOptions) -> None:
     check_method(config, STRATEGY)
+    refuse_distributed("strategy ist", "it changes which blocks update every step, and FSDP/ZeRO-3 fix the "
+                       "trainable parameters when they shard them", sharded_only=True)
     no_rankings(config, "ist")
 
 

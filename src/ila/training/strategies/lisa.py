@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ila.distributed import refuse_distributed
 from ila.errors import IlaError
 from ila.io import read_json, write_json_atomic
 from ila.options import one_of, option, positive
@@ -49,6 +50,8 @@ class LisaOptions:
 
 def check(config: Any, options: LisaOptions) -> None:
     check_method(config, STRATEGY)
+    refuse_distributed("strategy lisa", "it changes which blocks train every interval, and FSDP/ZeRO-3 fix the "
+                       "trainable parameters when they shard them", sharded_only=True)
     if options.sampling != "ranking":
         no_rankings(config, "lisa without lisa.sampling: ranking")
 
