@@ -26,7 +26,7 @@ from transformers import TrainerCallback, set_seed
 
 from ila.config import TrainConfig, to_dict
 from ila.data import build_dataset, collate, load_examples, split_train_heldout
-from ila.distributed import is_main_process, world_size
+from ila.distributed import is_main_process, shards_parameters, world_size
 from ila.errors import IlaError
 from ila.evaluation.heldout import heldout_loss as heldout_metrics
 from ila.io import check_output_folder, write_json_atomic
@@ -108,13 +108,17 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out / "checkpoints") if resume else None)
     heldout_loss = heldout_metrics(model, heldout, collate(tokenizer))["loss"] if len(heldout) else None
 
+    weights = out / ("model" if config.method == "full" else "adapter")
+    if shards_parameters():  # FSDP / ZeRO-3: the Trainer gathers the shards on every process; the main one writes
+        trainer.save_model(str(weights))
     if not main_process:
         return TrainRun(model, selection, {}, heldout_loss, trainer)
-    if config.method == "full":
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+    if shards_parameters():
+        (weights / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer adds; run.json holds the config
     else:
-        model.save_pretrained(out / "adapter")
+        model.save_pretrained(weights)
+    if config.method == "full":
+        tokenizer.save_pretrained(weights)
     summary = {
         **cost.summary(None, trainer.state.num_input_tokens_seen),
         "trainable_params": trainable,
