@@ -72,11 +72,12 @@ def engine_label() -> str:
 
 @contextmanager
 def full_weights(module: Any, *, modify: bool = False) -> Iterator[None]:
-    """Inside the block, `module`'s parameters are whole on every process (`modify`: writes made on the main
-    process are kept). ZeRO-3 parameters (they carry `ds_id`) are gathered with
-    `deepspeed.zero.GatheredParameters`; unsharded ones (one process, DDP, ZeRO-1/2) need nothing. FSDP2 (the
-    configs under configs/accelerate/) keeps each parameter as a DTensor: read it through `whole(tensor)`."""
-    params = list(module.parameters())
+    """Inside the block, the parameters of `module` (a module, or a list of parameters) are whole on every process
+    (`modify`: writes made on the main process are kept). ZeRO-3 parameters (they carry `ds_id`) are gathered
+    with `deepspeed.zero.GatheredParameters`, a collective: enter it on every process. Unsharded ones (one
+    process, DDP, ZeRO-1/2) need nothing. FSDP2 (configs/accelerate/fsdp.yaml) keeps each parameter as a DTensor:
+    read it through `whole(tensor)`."""
+    params = list(module.parameters()) if hasattr(module, "parameters") else list(module)
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 

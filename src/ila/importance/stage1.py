@@ -196,7 +196,10 @@ def save_update(update: Update, out: Path) -> None:
     """Stage-1 adapter (`out/adapter/`, LoRA) or ΔW = θ_t − θ₀ of the updated layers (`out/delta.safetensors`);
     call it on every process, the main one writes."""
     if update.initial is None:
-        update.model.save_pretrained(out / "adapter", is_main_process=is_main_process())
+        lora = [p for n, p in update.model.named_parameters() if "lora_" in n]
+        with full_weights(lora):  # every process gathers; the main one writes
+            state = {k: whole(v).detach().cpu().clone() for k, v in update.model.state_dict().items() if "lora_" in k}
+        update.model.save_pretrained(out / "adapter", state_dict=state, is_main_process=is_main_process())
         return
     base = base_model_of(update.model)
     delta = {}
