@@ -64,3 +64,23 @@ def test_prepare_strategy_in_a_plain_trainer(model_dirs, data_file, tmp_path):
         ila.prepare_strategy("lisa", model, segments="01")
     with pytest.raises(IlaError, match="reads a ranking"):
         ila.prepare_strategy("lisa", model, lisa_sampling="ranking")
+
+
+def test_ist_callbacks_in_a_plain_trainer(model_dirs, data_file, tmp_path):
+    """IST through `prepare_strategy` in a plain HF Trainer: importance rounds on the given data move the block
+    scores, and only N_u blocks' LoRA weights change per step; without data it is refused."""
+    model_dir = str(model_dirs("llama"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train, _ = load_data(str(data_file), tokenizer, **SETTINGS)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(IlaError, match="strategy ist: evaluates on data"):
+        ila.prepare_strategy("ist", model)
+    plan = ila.prepare_strategy("ist", model, ist_interval=2, ist_update_fraction=0.5, train=train,
+                                collator=collate(tokenizer))
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, report_to="none",
+                             use_cpu=True, save_strategy="no", remove_unused_columns=False, learning_rate=1e-2)
+    Trainer(model=plan.model, args=args, train_dataset=train, data_collator=collate(tokenizer),
+            callbacks=plan.callbacks).train()
+    record = plan.record()
+    assert record["rounds"] == 1 and any(s != 0 for s in record["scores"])
+    assert sum(record["updated_steps"]) == 4 * record["update_blocks"] == 4  # one of 2 blocks per step

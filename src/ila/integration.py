@@ -52,6 +52,9 @@ def prepare_strategy(name: str, model: Any, *, method: str | None = None, rankin
     config = load_config(None, overrides, TrainConfig)
     if strategy.needs_ranking(config, config.options()) and not rankings:
         raise IlaError(f"strategy {name}: with these options it reads a ranking; pass rankings=[ranking]")
+    if strategy.needs_data and (train is None or collator is None):
+        raise IlaError(f"strategy {name}: evaluates on data; pass train= (tokenised examples with input_ids and "
+                       "labels, e.g. ila.load_data(...)[0]) and collator=")
     return strategy.prepare(Context(config, config.options(), model, discover_layers(model), list(rankings),
                                     train, collator))
 

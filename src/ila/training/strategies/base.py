@@ -65,6 +65,7 @@ class Strategy:
     check: Callable[[Any, Any], None] | None = None
     # needs_ranking(config, options): whether it reads a --ranking (`ila experiment` supplies one)
     needs_ranking: Callable[[Any, Any], bool] = lambda config, options: False
+    needs_data: bool = False  # prepare reads Context.train and Context.collator (not only the Trainer does)
 
 
 _REGISTRY: dict[str, Strategy] = {}

@@ -181,5 +181,5 @@ def prepare(context: Context) -> Plan:
 
 STRATEGY = register(Strategy(
     name="ist", summary="LoRA on every block, N_u blocks updated per step by learned importance (IST, seeds/002)",
-    prepare=prepare, methods=("lora",), options=IstOptions, check=check,
+    prepare=prepare, methods=("lora",), options=IstOptions, check=check, needs_data=True,
 ))
