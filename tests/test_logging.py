@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ila
@@ -33,3 +34,31 @@ def test_tensorboard_logs_in_the_run_folder(model_dirs, data_file, tmp_path):
               report_to="tensorboard")
     assert _scalars(tmp_path / "train" / "logs")["train/loss"] == 3
     assert not list((tmp_path / "train").rglob("runs"))  # not the Trainer's default output_dir/runs/<time>
+
+
+def test_text_rows_in_identify_and_train(model_dirs, tmp_path):
+    """`{"text": ...}` rows (continued pre-training data) run through ILA and `ila train`: every token is learned,
+    so the held-out loss is taken over every token of the held-out texts."""
+    import json
+
+    from conftest import WORDS
+
+    rows = [{"text": " ".join(WORDS[(i + j) % 40] for j in range(10))} for i in range(40)]
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = str(model_dirs("llama"))
+    ranking = ila.identify(tmp_path / "identify", model=model, data=str(data), max_steps=3, stage2_steps=2,
+                           max_length=32)
+    assert ranking.metadata["train_examples"] + ranking.metadata["heldout_examples"] == 40
+    run = ila.train(tmp_path / "train", model=model, data=str(data), max_steps=2, max_length=32)
+    assert run.heldout_loss is not None and run.cost["tokens_per_s"] > 0
+    from transformers import AutoTokenizer
+
+    from ila.data import collate, load_data
+    from ila.evaluation.heldout import heldout_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    _, heldout = load_data(str(data), tokenizer, max_length=32, heldout_fraction=0.05)  # what the run held out
+    scored = heldout_loss(run.model, heldout, collate(tokenizer))
+    assert scored["tokens"] == sum(len(row["input_ids"]) - 1 for row in heldout)  # every token after the first
+    assert scored["loss"] == pytest.approx(run.heldout_loss, rel=1e-6)

@@ -342,7 +342,11 @@ def format_eval(results: dict) -> str:
 
 
 def _configure_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    from ila.distributed import is_main_process
+
+    quiet = not (debug or is_main_process())  # other processes of a launch: errors only, the main one reports
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO,
+                        format="%(message)s")
     if not debug:
         import warnings
 
