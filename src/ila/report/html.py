@@ -1,32 +1,39 @@
 """`ila report`: one self-contained HTML page of run folders and rankings (no network, images inline as PNG).
 
-Inputs, each detected by what it holds: an `ila identify` run (ranking.json), an `ila identify --method all` run
-(comparison.json + DIR/<method>/ranking.json), an `ila train` run (run.json), an `ila analyze` run (metrics.json,
-or metrics.csv), a ranking.json file. Sections (stable ids): `inputs`; `ranking-<n>` per ranking (heatmap, top and
-bottom layers, `curves-<n>`: stage-1 probe loss with the ε-stop and stage-2 loss, where recorded); `agreement`
-(two or more rankings); `train-<n>`; `analysis-<n>`; `cost`.
+Inputs, each detected by what it holds (`inputs.py`): an `ila identify` run (ranking.json), an `ila identify
+--method all` run (comparison.json + DIR/<method>/ranking.json), an `ila train` run (run.json), an `ila analyze` run
+(metrics.json, or metrics.csv), a ranking.json file. Sections (stable ids): `inputs`; `ranking-<n>` per ranking
+(heatmap, top and bottom layers, `curves-<n>`: stage-1 probe loss with the ε-stop and stage-2 loss, where recorded,
+drawn by `curves.py`); `agreement` (two or more rankings); `train-<n>`; `analysis-<n>`; `cost`. This module renders
+the page and writes it (`write_report`).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import csv
 import html
 import json
 import math
 import re
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ila.errors import IlaError, first_line
-from ila.io import read_json, write_text_atomic
+from ila.io import write_text_atomic
 from ila.ranking import Ranking
+from ila.report.curves import plot_curves
+from ila.report.inputs import (
+    AnalysisInput,
+    Inputs,
+    RankingInput,
+    TrainInput,
+    as_numbers,
+    as_pairs,
+    is_number,
+    read_inputs,
+)
 
-EXPECTED = "expected a ranking.json file or a run folder of ila identify, train or analyze"
-TRAIN_KEYS = ("strategy", "select", "heldout_loss", "cost")
 TABLE_ROWS = 10  # most layers in each of the top and bottom tables
 AGREEMENT_TOP = 0.75  # Jaccard of the top 75 % (seeds/000 Sec. 4.2)
 
@@ -56,38 +63,6 @@ class Markup(str):
     """HTML that is already escaped (everything else is escaped when written)."""
 
 
-@dataclass
-class RankingInput:
-    label: str  # what made it: the method (or the --method all sub-folder)
-    source: Path
-    ranking: Ranking
-    group: int  # the input it came from (the rankings of one --method all run share their stage 1)
-
-
-@dataclass
-class TrainInput:
-    source: Path
-    run: dict
-    selection: dict | None
-
-
-@dataclass
-class AnalysisInput:
-    source: Path
-    meta: dict  # metrics.json without its rows ({} when read from metrics.csv)
-    rows: list[dict]
-
-
-@dataclass
-class Inputs:
-    """Everything found in the given paths, in the order given."""
-
-    rankings: list[RankingInput] = field(default_factory=list)
-    trains: list[TrainInput] = field(default_factory=list)
-    analyses: list[AnalysisInput] = field(default_factory=list)
-    found: list[tuple[Path, str, list[str]]] = field(default_factory=list)  # (path, what it is, section ids)
-
-
 def write_report(paths: list[str | Path], out: str | Path, *, title: str | None = None) -> Path:
     """Write one self-contained HTML report of run folders and ranking files to `out` (atomically); returns it.
     Every input is read before anything is written: a bad one raises `IlaError` and leaves `out` untouched."""
@@ -96,116 +71,6 @@ def write_report(paths: list[str | Path], out: str | Path, *, title: str | None 
         raise IlaError(f"report --out {out}: is a folder; give a file name such as report.html")
     inputs = read_inputs(paths)
     return write_text_atomic(out, render(inputs, title or "ila report"))
-
-
-# -- reading the inputs ----------------------------------------------------------------------------------------
-
-
-def read_inputs(paths: list[str | Path]) -> Inputs:
-    """Detect and read each path (a run folder or a ranking.json); `IlaError` naming the first that is neither."""
-    if not paths:
-        raise IlaError(f"report: give at least one path ({EXPECTED})")
-    inputs = Inputs()
-    for given in paths:
-        path = Path(given)
-        if path.is_file() and path.name in ("run.json", "metrics.json", "comparison.json"):
-            path = path.parent  # the file that marks a run folder stands for the folder
-        if not path.exists():
-            raise IlaError(f"report: {path}: not found; {EXPECTED}")
-        if path.is_file():
-            _read_ranking_file(path, inputs)
-        else:
-            _read_folder(path, inputs)
-    return inputs
-
-
-def _read_ranking_file(path: Path, inputs: Inputs) -> None:
-    ids = [_add_ranking(inputs, _load_ranking(path), path)]
-    inputs.found.append((path, "ranking file", ids))
-
-
-def _load_ranking(path: Path) -> Ranking:
-    try:
-        return Ranking.load(path)
-    except IlaError as err:
-        detail = first_line(err).removeprefix(f"ranking {path}: ")
-        raise IlaError(f"report: {path}: not a ranking ({detail}); {EXPECTED}") from None
-
-
-def _read_folder(path: Path, inputs: Inputs) -> None:
-    kinds, ids = [], []
-    if (path / "ranking.json").is_file():
-        ids.append(_add_ranking(inputs, _load_ranking(path / "ranking.json"), path / "ranking.json"))
-        kinds.append("identify run" if not (path / "run.json").is_file() else "ranking learned in training")
-    subfolders = _method_folders(path) if (path / "comparison.json").is_file() else []
-    for sub in subfolders:
-        ids.append(_add_ranking(inputs, _load_ranking(sub / "ranking.json"), sub / "ranking.json", sub.name))
-    if subfolders:
-        kinds.append(f"identify --method all run ({len(subfolders)} methods)")
-    if (path / "run.json").is_file():
-        run = read_json(path / "run.json", f"report: {path / 'run.json'}")
-        if not isinstance(run, dict) or not all(k in run for k in TRAIN_KEYS):
-            raise IlaError(f"report: {path / 'run.json'}: not from ila train (no {', '.join(TRAIN_KEYS)}); "
-                           f"{EXPECTED}")
-        selection = path / "selection.json"
-        chosen = read_json(selection, f"report: {selection}") if selection.is_file() else None
-        inputs.trains.append(TrainInput(path, run, chosen if isinstance(chosen, dict) else None))
-        ids.append(f"train-{len(inputs.trains)}")
-        kinds.insert(0, "train run")
-    if (path / "metrics.json").is_file() or (path / "metrics.csv").is_file():
-        inputs.analyses.append(_read_analysis(path))
-        ids.append(f"analysis-{len(inputs.analyses)}")
-        kinds.append("analyze run")
-    if not kinds:
-        raise IlaError(f"report: {path}: not a run folder (no ranking.json, comparison.json with method folders, "
-                       f"run.json or metrics.json); {EXPECTED}")
-    inputs.found.append((path, ", ".join(kinds), ids))
-
-
-def _method_folders(path: Path) -> list[Path]:
-    """The method folders of an `--method all` run, in the order of its comparison.json."""
-    comparison = read_json(path / "comparison.json", f"report: {path / 'comparison.json'}")
-    labels = comparison.get("labels") if isinstance(comparison, dict) else None
-    named = [path / str(x) for x in dict.fromkeys(labels)] if isinstance(labels, list) else []
-    others = sorted(p for p in path.iterdir() if p.is_dir() and p not in named)
-    return [p for p in [*named, *others] if (p / "ranking.json").is_file()]
-
-
-def _add_ranking(inputs: Inputs, ranking: Ranking, source: Path, label: str | None = None) -> str:
-    group = len(inputs.found)  # the input being read
-    inputs.rankings.append(RankingInput(label or ranking.method or "ranking", source, ranking, group))
-    return f"ranking-{len(inputs.rankings)}"
-
-
-def _read_analysis(path: Path) -> AnalysisInput:
-    """metrics.json (written last), else the metrics.csv of an unfinished run; rows checked for what plots use."""
-    if (path / "metrics.json").is_file():
-        file = path / "metrics.json"
-        data = read_json(file, f"report: {file}")
-        meta = {k: v for k, v in data.items() if k != "rows"} if isinstance(data, dict) else {}
-        rows = data.get("rows") if isinstance(data, dict) else None
-    else:
-        file, meta = path / "metrics.csv", {}
-        with open(file, newline="") as f:
-            rows = [_csv_row(r) for r in csv.DictReader(f)]
-    if not isinstance(rows, list) or not rows or not all(_metric_row(r) for r in rows):
-        raise IlaError(f"report: {file}: no rows of metric, layer, base, tuned, value; {EXPECTED}")
-    return AnalysisInput(path, meta, rows)
-
-
-def _metric_row(row: Any) -> bool:
-    return (isinstance(row, dict) and isinstance(row.get("metric"), str) and isinstance(row.get("layer"), int)
-            and all(row.get(k) is None or _is_number(row.get(k)) for k in ("base", "tuned", "value")))
-
-
-def _csv_row(row: dict) -> dict:
-    """A metrics.csv row with numbers as numbers (left as text where they are not, for `_metric_row` to refuse)."""
-    out: dict[str, Any] = dict(row)
-    for key, kind in (("layer", int), ("base", float), ("tuned", float), ("value", float)):
-        text = row.get(key)
-        with contextlib.suppress(ValueError):
-            out[key] = None if text in (None, "") else kind(text)
-    return out
 
 
 # -- rendering -------------------------------------------------------------------------------------------------
@@ -352,13 +217,13 @@ def _curves(n: int, item: RankingInput, pictures: Pictures, seen_stage1: dict[st
     """Stage-1 probe loss with the ε-stop marked, and the stage-2 loss, where the metadata holds them. The stage 1
     that the rankings of one --method all run share is drawn once and referred to."""
     meta = item.ranking.metadata
-    stage1 = _pairs(meta.get("stage1_probe_losses"))
+    stage1 = as_pairs(meta.get("stage1_probe_losses"))
     key = json.dumps([item.group, stage1, meta.get("stability_step"), meta.get("epsilon")])
     earlier = seen_stage1.get(key) if stage1 else None
     if stage1 and earlier is None:
         seen_stage1[key] = n
     draw1 = stage1 if earlier is None else []
-    stage2 = _numbers(meta.get("stage2_losses"))
+    stage2 = as_numbers(meta.get("stage2_losses"))
     if not draw1 and not stage2:
         note = (f'<p class="note">stage 1: the same update as ranking {earlier} '
                 f'(<a href="#curves-{earlier}">curves</a>).</p>') if earlier else ""
@@ -378,64 +243,12 @@ def _curve_note(meta: dict, stage1: bool, stage2: bool) -> str:
         step = meta.get("stability_step")
         eps = meta.get("epsilon")
         stop = f"ε-stop at step {step}" if step is not None else "no ε-stop: the step cap came first"
-        out.append(f"stage 1: probe loss every check; {stop}" + (f" (ε = {eps:g})" if _is_number(eps) else "") + ".")
+        out.append(f"stage 1: probe loss every check; {stop}" + (f" (ε = {eps:g})" if is_number(eps) else "") + ".")
     if stage2:
         settled = meta.get("stage2_settled_step")
         out.append("stage 2: objective of each step; " + (f"settled at step {settled}." if settled is not None
                                                           else "step cap reached before it settled."))
     return " ".join(out)
-
-
-def plot_curves(stage1: list[tuple[float, float]], meta: dict, stage2: list[float | None], path: Path) -> Path:
-    """One PNG: stage-1 probe loss against steps with the ε-stop step marked, and the stage-2 objective per step
-    (task loss and probe checks when recorded, settled step marked); a panel for each that is given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ila.report.figure import save_png
-
-    panels = [p for p, given in (("stage1", stage1), ("stage2", stage2)) if given]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 3.4), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
-        if panel == "stage1":
-            _stage1_panel(ax, stage1, meta)
-        else:
-            _stage2_panel(ax, stage2, meta)
-    return save_png(fig, path)
-
-
-def _stage1_panel(ax, points: list[tuple[float, float]], meta: dict) -> None:
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label="probe loss")
-    step = meta.get("stability_step")
-    if _is_number(step):
-        eps = meta.get("epsilon")
-        ax.axvline(step, color="C3", linestyle="--",
-                   label=f"ε-stop, step {step:g}" + (f" (ε = {eps:g})" if _is_number(eps) else ""))
-    ax.set_title("stage 1: expected-loss estimate", fontsize=10)
-    ax.set_xlabel("stage-1 step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
-
-
-def _stage2_panel(ax, losses: list[float | None], meta: dict) -> None:
-    steps = list(range(1, len(losses) + 1))
-    ax.plot(steps, [math.nan if v is None else v for v in losses], label="objective (task + budget)")
-    task = _numbers(meta.get("stage2_task_losses"))
-    if len(task) == len(losses) and any(v is not None for v in task):
-        ax.plot(steps, [math.nan if v is None else v for v in task], linestyle=":", label="task loss")
-    checks = _pairs(meta.get("stage2_checks"))
-    if checks:
-        ax.scatter([c[0] for c in checks], [c[1] for c in checks], s=14, color="C2", zorder=3,
-                   label="probe objective (checks)")
-    settled = meta.get("stage2_settled_step")
-    if _is_number(settled):
-        ax.axvline(settled, color="C3", linestyle="--", label=f"settled, step {settled:g}")
-    ax.set_title("stage 2: gate fitting", fontsize=10)
-    ax.set_xlabel("stage-2 step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
 
 
 # -- agreement -------------------------------------------------------------------------------------------------
@@ -480,11 +293,11 @@ def _train_section(n: int, item: TrainInput) -> str:
         ["model", run.get("model")], ["data", run.get("data")], ["method", run.get("method")],
         ["strategy", run.get("strategy")], ["selection", selection.get("strategy", run.get("select"))],
         ["trained layers", f"{trained} of {total}" if total is not None else trained],
-        ["trained fraction", f"{fraction:.1%}" if _is_number(fraction) else fraction],
+        ["trained fraction", f"{fraction:.1%}" if is_number(fraction) else fraction],
         ["trainable parameters", cost.get("trainable_params")], ["steps", run.get("steps")],
         *([["processes", run["processes"]]] if "processes" in run else []),
         ["held-out loss", loss],
-        ["held-out perplexity", math.exp(loss) if _is_number(loss) and loss < 700 else None],
+        ["held-out perplexity", math.exp(loss) if is_number(loss) and loss < 700 else None],
     ]
     rankings = (run.get("config") or {}).get("rankings") if isinstance(run.get("config"), dict) else None
     if rankings:
@@ -601,7 +414,7 @@ def _table(headers: list[str], rows: list[list[Any]], *, header: bool = True) ->
 
 
 def _cell(value: Any) -> str:
-    numeric = _is_number(value) or value is None  # the dash of a missing number aligns with the numbers
+    numeric = is_number(value) or value is None  # the dash of a missing number aligns with the numbers
     return f'<td class="num">{_esc(value)}</td>' if numeric else f"<td>{_esc(value)}</td>"
 
 
@@ -622,22 +435,3 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return str(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _numbers(value: Any) -> list[float | None]:
-    """A list of numbers from metadata (other entries as None); [] when it is not a list."""
-    if not isinstance(value, list):
-        return []
-    return [float(v) if _is_number(v) else None for v in value]
-
-
-def _pairs(value: Any) -> list[tuple[float, float]]:
-    """[(step, value), ...] from metadata `[[step, value], ...]`, skipping malformed entries."""
-    if not isinstance(value, list):
-        return []
-    return [(float(p[0]), float(p[1])) for p in value
-            if isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_number(x) for x in p)]
