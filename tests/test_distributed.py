@@ -110,6 +110,8 @@ def test_shipped_multi_cpu_accelerate_config_starts_two_processes(model, data_fi
     (["train", "--strategy", "ist", "--data", "{data}", "--out", "{out}"],
      {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
      "strategy ist: cannot run under DeepSpeed ZeRO-3"),
+    (["identify", "--data", "{data}", "--out", "{out}"], {"ACCELERATE_USE_FSDP": "true"},
+     "method ila: cannot run under FSDP"),
 ])
 def test_what_cannot_run_distributed_stops_every_process(model, data_file, tmp_path, args, env, message):
     """One line on each process, exit 2 on each, nothing written, no hang."""
@@ -147,3 +149,41 @@ def test_whole_weights_of_fsdp2_sharded_parameters(tmp_path):
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert all(report.values()) and len(report) == 6, (rank, report)
+
+
+def test_other_processes_write_nothing(model, data_file, tmp_path, monkeypatch):
+    """A process that is not the main one (RANK=1) runs identify, train and analyze and writes no file; the same
+    jobs as the main process write their folders."""
+    settings = {"max_length": 32, "max_examples": 32}
+    monkeypatch.setenv("RANK", "1")
+    ila.identify(tmp_path / "snr", model=str(model), method="snr")
+    ila.identify(tmp_path / "ila", model=str(model), data=str(data_file), max_steps=2, stage2_steps=2, **settings)
+    ila.train(tmp_path / "train", model=str(model), data=str(data_file), max_steps=2, **settings)
+    assert ila.analyze(tmp_path / "an", base=str(model), tuned=str(model), data=str(data_file), segments=2,
+                       **settings) == []
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    assert written == []  # (the Trainer's own checkpoints follow its process index, which RANK alone does not set)
+    monkeypatch.setenv("RANK", "0")
+    ila.identify(tmp_path / "snr0", model=str(model), method="snr")
+    assert (tmp_path / "snr0" / "ranking.json").is_file()
+
+
+def test_engine_and_zero_stage_from_accelerate_variables(tmp_path, monkeypatch):
+    """The engine comes from what accelerate's launcher passes each process; a ZeRO stage given only in a DeepSpeed
+    JSON file is read from it, and one that cannot be read counts as sharded."""
+    from ila import distributed
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert (distributed.engine(), distributed.zero_stage(), distributed.shards_parameters()) == ("deepspeed", 2, False)
+    config.write_text("{}")
+    assert distributed.zero_stage() == 3 and distributed.shards_parameters()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    assert distributed.zero_stage() == 1
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert distributed.engine() == "fsdp" and distributed.shards_parameters()

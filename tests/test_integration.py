@@ -28,11 +28,15 @@ def test_rank_update_equals_identify_on_the_same_adapter(model_dirs, data_file, 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train, heldout = load_data(str(data_file), tokenizer, **SETTINGS)
     peft_model = load_lora_adapter(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_("lora_" in name)  # as a user's trained adapter is left: LoRA trainable
+    peft_model.train()
     ranking = ila.rank_update(peft_model, train, heldout=heldout, collator=collate(tokenizer), stage2_steps=3)
     assert [x.name for x in ranking.layers] == [x.name for x in expected.layers]
     assert [e.score for e in ranking.entries] == pytest.approx([e.score for e in expected.entries], abs=1e-5)
     assert ranking.metadata["stage2_steps"] == 3 and ranking.method == "ila"
     assert not any(n.endswith("ila_gates.scores") for n, _ in peft_model.named_parameters())  # left as it was
+    assert peft_model.training and all(p.requires_grad == ("lora_" in n) for n, p in peft_model.named_parameters())
     with pytest.raises(IlaError, match="carries no LoRA adapter"):
         ila.rank_update(AutoModelForCausalLM.from_pretrained(model_dir), train, collator=collate(tokenizer))
     with pytest.raises(IlaError, match="does not score a finished update"):

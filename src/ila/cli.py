@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     except IlaError as exc:
         if debug:
             raise
-        print(f"ila: error: {exc}", file=sys.stderr)
+        print(f"ila: error: {exc}", file=sys.stderr, flush=True)
+        from ila.distributed import wait_to_stop
+
+        wait_to_stop()  # in a multi-process launch, every process reports before torchrun stops them
         return 2
     except KeyboardInterrupt:
         print("ila: interrupted", file=sys.stderr)

@@ -93,13 +93,18 @@ def rank_update(model: Any, train: Any, *, method: str = "ila", heldout: Any = N
         if tokenizer is None:
             raise IlaError("rank_update: pass collator= (e.g. ila.data.collate(tokenizer))")
         collator = collate(tokenizer)
-    with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    with tempfile.TemporaryDirectory(dir=work_dir) as scratch:  # Trainer output and logs, removed afterwards
         inputs = Inputs(config=config, options=config.options(method), layers=layers, model=model,
                         train=train, heldout=heldout, collator=collator, update=Update(model, layers),
-                        work_dir=Path(scratch))
-        was_training = model.training
-        scored = chosen.score(inputs)
-        model.train(was_training)
+                        work_dir=Path(scratch) / "work")
+        try:
+            scored = chosen.score(inputs)
+        finally:  # stage 2 freezes every parameter; the user's model trains again as before
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable[name])
+            model.train(was_training)
     meta = {"model": getattr(getattr(base, "config", None), "_name_or_path", "") or "in memory", "seed": seed,
             "ranked_layers": len(layers), "source": "ila.rank_update", "versions": package_versions()}
     return make_ranking(chosen, inputs, scored, meta)

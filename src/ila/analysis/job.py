@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ila.config import AnalyzeConfig, to_dict
-from ila.distributed import is_main_process
+from ila.distributed import barrier, is_main_process
 from ila.errors import IlaError
 from ila.io import check_output_folder, read_json, write_json_atomic, write_text_atomic
 
@@ -82,6 +82,7 @@ def run_analyze(config: AnalyzeConfig, out: str | Path) -> list[dict]:
     config.validate()
     out = Path(out)
     check_output_folder(out, "metrics.json")
+    barrier()  # every process has checked the folder before the main one writes to it
     started = time.perf_counter()
     ranking = None
     if config.ranking is not None:

@@ -79,6 +79,9 @@ class ImportanceMethod:
     # track(model, layers) -> a transformers TrainerCallback attached to stage-1 training; the callback reaches
     # `score` as `inputs.tracked` (a method with `track` needs stage 1 trained here: no --adapter)
     track: Callable[[Any, list], Any] | None = None
+    # runs where FSDP or ZeRO-3 shard the parameters: it reads whole weights only through ila.distributed (others
+    # are refused there: gates added after sharding are not all-reduced, local gradients and norms are shards)
+    sharded: bool = False
 
     def needs_update(self) -> bool:
         return NEEDS_UPDATE in self.needs

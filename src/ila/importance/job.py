@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ila.config import IdentifyConfig, flatten, to_dict
-from ila.distributed import is_main_process, world_size
+from ila.distributed import barrier, is_main_process, refuse_distributed, world_size
 from ila.errors import IlaError
 from ila.importance.base import (
     ALL,
@@ -43,6 +43,7 @@ from ila.importance.base import (
     Scores,
     get_method,
     method_names,
+    methods,
 )
 from ila.io import check_output_folder
 from ila.layers import LayerId
@@ -130,6 +131,7 @@ def run_identify(config: IdentifyConfig, out: str | Path, *, resume: bool = Fals
     for name, ranking in done.items():
         _check_same_config(ranking, config, folder[name])
     todo = [m for m in chosen if m.name not in done]
+    barrier()  # every process has read the folder before the main one writes to it
     if every and not todo:  # every method finished; the comparison was not written yet
         return _write_all(out, chosen, done) if is_main_process() else done
     started = time.perf_counter()
@@ -296,6 +298,13 @@ def _score_milestones(method: ImportanceMethod, inputs: Inputs, milestones: list
 
 
 def _check_method_inputs(config: IdentifyConfig, chosen: list[ImportanceMethod], resume: bool, every: bool) -> None:
+    unsharded = [m.name for m in chosen if not m.sharded]
+    if unsharded:
+        refuse_distributed(f"method {unsharded[0]}", "it trains gates or reads gradients and weights that FSDP and "
+                           "ZeRO-3 leave in shards; methods that run there: "
+                           + ", ".join(sorted(m.name for m in methods().values() if m.sharded)), sharded=True)
+    if config.stage1.milestones:
+        refuse_distributed("--milestones", "the snapshots would hold shards", sharded=True)
     updates = [m for m in chosen if m.needs_update()]
     if config.adapter and not updates:
         raise IlaError(f"--adapter: method {chosen[0].name!r} uses no stage-1 update")

@@ -82,4 +82,5 @@ register(ImportanceMethod(
     score=score,
     options=SnrOptions,
     title="weight SNR (within-role percentile)",
+    sharded=True,
 ))

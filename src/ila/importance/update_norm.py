@@ -38,4 +38,5 @@ register(ImportanceMethod(
     score=score,
     options=UpdateNormOptions,
     title="‖ΔW‖_F",
+    sharded=True,
 ))

@@ -72,7 +72,9 @@ def track(model: nn.Module, layers: list[LayerId]) -> TrainerCallback:
                                float(torch.linalg.matrix_norm(m.weight.detach().double())) for m in modules])
 
         def on_save(self, args, state, control, **kwargs):
-            write_json_atomic(Path(args.output_dir) / f"checkpoint-{state.global_step}" / NORMS_FILE, self.norms)
+            if state.is_world_process_zero:
+                write_json_atomic(Path(args.output_dir) / f"checkpoint-{state.global_step}" / NORMS_FILE,
+                                  self.norms)
 
     return WeightNormCallback()
 

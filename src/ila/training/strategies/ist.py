@@ -54,8 +54,9 @@ class IstOptions:
 
 def check(config: Any, options: IstOptions) -> None:
     check_method(config, STRATEGY)
-    refuse_distributed("strategy ist", "it changes which blocks update every step, and FSDP/ZeRO-3 fix the "
-                       "trainable parameters when they shard them", sharded_only=True)
+    refuse_distributed("strategy ist", "it changes which blocks update every step, and FSDP and DeepSpeed keep "
+                       "parameters or optimizer state in flat shards that cannot be frozen or freed block by "
+                       "block", engines=True)
     no_rankings(config, "ist")
 
 

@@ -50,8 +50,9 @@ class LisaOptions:
 
 def check(config: Any, options: LisaOptions) -> None:
     check_method(config, STRATEGY)
-    refuse_distributed("strategy lisa", "it changes which blocks train every interval, and FSDP/ZeRO-3 fix the "
-                       "trainable parameters when they shard them", sharded_only=True)
+    refuse_distributed("strategy lisa", "it changes which blocks train every interval, and FSDP and DeepSpeed keep "
+                       "parameters or optimizer state in flat shards that cannot be frozen or freed block by "
+                       "block", engines=True)
     if options.sampling != "ranking":
         no_rankings(config, "lisa without lisa.sampling: ranking")
 
