@@ -119,6 +119,7 @@ def test_what_cannot_run_distributed_stops_every_process(model, data_file, tmp_p
     result = _torchrun(*args, "--model", model, **env)
     errors = [line for line in result.stderr.splitlines() if line.startswith("ila: error:")]
     assert len(errors) == 2 and all(message in line for line in errors), result.stderr[-2000:]
+    assert result.stderr.count("ila: error:") == 2
     assert result.stderr.count("exitcode  : 2") + result.stderr.count("exitcode: 2") >= 1
     assert not re.search(r'File ".*[/\\]ila[/\\]', result.stderr)  # no traceback from ila (torchrun prints its own)
     assert not (tmp_path / "out").exists()

@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     except IlaError as exc:
         if debug:
             raise
-        print(f"ila: error: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"ila: error: {exc}\n")  # one write: lines of several processes do not interleave
+        sys.stderr.flush()
         from ila.distributed import wait_to_stop
 
         wait_to_stop()  # in a multi-process launch, every process reports before torchrun stops them
