@@ -12,14 +12,12 @@ building the command line stay fast.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ila.errors import IlaError
+from ila.registry import Registry
 
 # What a method can ask for.
 NEEDS_MODEL = "model"  # the base model and its layers
@@ -91,43 +89,34 @@ class ImportanceMethod:
         return self.track is not None
 
 
-_REGISTRY: dict[str, ImportanceMethod] = {}
-_discovered = False
-
-
-def register(method: ImportanceMethod) -> ImportanceMethod:
-    """Add a method to the registry (a method file calls this at import); a name registers once."""
+def _reserved() -> set[str]:
     import dataclasses
 
     from ila.config import IdentifyConfig
 
+    return {f.name for f in dataclasses.fields(IdentifyConfig)} | {ALL}
+
+
+_REGISTRY: Registry[ImportanceMethod] = Registry("importance method", "method", "ila.importance", HELPERS, _reserved)
+
+
+def register(method: ImportanceMethod) -> ImportanceMethod:
+    """Add a method to the registry (a method file calls this at import); a name registers once."""
     if method.level not in ("layer", "block"):
         raise ValueError(f"method {method.name}: level {method.level!r} is not 'layer' or 'block'")
     if method.track is not None and NEEDS_UPDATE not in method.needs:
         raise ValueError(f"method {method.name}: tracks stage 1, so it must need an update")
-    if method.name in {f.name for f in dataclasses.fields(IdentifyConfig)} | {ALL}:
-        raise ValueError(f"method {method.name}: the name is taken by a config key")
-    known = _REGISTRY.get(method.name)
-    if known is not None and known.score.__module__ != method.score.__module__:
-        raise ValueError(f"method {method.name}: already registered by {known.score.__module__}")
-    _REGISTRY[method.name] = method
-    return method
+    return _REGISTRY.add(method.name, method, method.score.__module__)
 
 
 def unregister(name: str) -> None:
     """Remove a method (tests that register a throw-away one)."""
-    _REGISTRY.pop(name, None)
+    _REGISTRY.remove(name)
 
 
 def methods() -> dict[str, ImportanceMethod]:
     """Every registered method by name (the method files of this package are imported once, on first call)."""
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-            if info.name not in HELPERS:
-                importlib.import_module(f"ila.importance.{info.name}")
-    return dict(_REGISTRY)
+    return _REGISTRY.all()
 
 
 def method_names(name: str) -> list[str]:
@@ -140,12 +129,8 @@ def method_names(name: str) -> list[str]:
 
 def get_method(name: str) -> ImportanceMethod:
     """The method called `name`; an unknown name is an `IlaError` listing the known ones."""
-    known = methods()
-    if name not in known:
-        hint = " (the stage-1 update is --update lora|full)" if name in ("lora", "full") else ""
-        raise IlaError(f"method: {name!r} is not a known importance method (known: {', '.join(sorted(known))})"
-                       + hint)
-    return known[name]
+    hint = " (the stage-1 update is --update lora|full)" if name in ("lora", "full") else ""
+    return _REGISTRY.get(name, hint)
 
 
 def method_of(metadata: dict[str, Any]) -> str | None:

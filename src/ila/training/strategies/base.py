@@ -13,14 +13,13 @@ line stays fast.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ila.errors import IlaError
+from ila.registry import Registry
 
 DEFAULT = "selection"
 
@@ -68,42 +67,31 @@ class Strategy:
     needs_data: bool = False  # prepare reads Context.train and Context.collator (not only the Trainer does)
 
 
-_REGISTRY: dict[str, Strategy] = {}
-_discovered = False
-
-
-def register(strategy: Strategy) -> Strategy:
-    """Add a strategy to the registry (a strategy file calls this at import)."""
+def _reserved() -> set[str]:
     import dataclasses
 
     from ila.config import TrainConfig
 
-    if strategy.name in {f.name for f in dataclasses.fields(TrainConfig)}:
-        raise ValueError(f"strategy {strategy.name}: the name is taken by a config key")
-    known = _REGISTRY.get(strategy.name)
-    if known is not None and known.prepare.__module__ != strategy.prepare.__module__:
-        raise ValueError(f"strategy {strategy.name}: already registered by {known.prepare.__module__}")
-    _REGISTRY[strategy.name] = strategy
-    return strategy
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+_REGISTRY: Registry[Strategy] = Registry("training strategy", "strategy", "ila.training.strategies", {"base"},
+                                         _reserved)
+
+
+def register(strategy: Strategy) -> Strategy:
+    """Add a strategy to the registry (a strategy file calls this at import)."""
+    return _REGISTRY.add(strategy.name, strategy, strategy.prepare.__module__)
 
 
 def strategies() -> dict[str, Strategy]:
     """Every registered strategy by name (the files of this package are imported once, on first call)."""
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-            if info.name != "base":
-                importlib.import_module(f"ila.training.strategies.{info.name}")
-    return dict(_REGISTRY)
+    return _REGISTRY.all()
 
 
 def get_strategy(name: str) -> Strategy:
     """The strategy called `name`; an unknown name is an `IlaError` listing the known ones."""
-    known = strategies()
-    if name not in known:
-        raise IlaError(f"strategy: {name!r} is not a known training strategy (known: {', '.join(sorted(known))})")
-    return known[name]
+    return _REGISTRY.get(name)
 
 
 def no_rankings(config: Any, name: str) -> None:
