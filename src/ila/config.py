@@ -305,15 +305,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     raw = read_yaml_mapping(path, "config") if path is not None else {}
     where = f"config {path}: " if path is not None else ""
     overrides = overrides or {}
-    if (cls or IdentifyConfig) is IdentifyConfig and overrides.get("method") not in (None, raw.get("method")):
-        _drop_other_sections(raw, overrides["method"])
-    if cls is TrainConfig and overrides.get("strategy") not in (None, raw.get("strategy")):
-        from ila.training.strategies.base import strategies
-
-        for name in set(raw) & set(strategies()) - {overrides["strategy"]}:
-            del raw[name]
+    cls = cls or IdentifyConfig
+    key = _SECTIONED[cls][1] if cls in _SECTIONED else None
+    if key is not None and overrides.get(key) not in (None, raw.get(key)):
+        _drop_other_sections(raw, cls, overrides[key])
     _set_dotted(raw, overrides, where)
-    return _build(cls or IdentifyConfig, raw, where, "").validate()
+    return _build(cls, raw, where, "").validate()
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -330,22 +327,17 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """A validated copy of a config object with dotted `overrides` applied (None values are skipped)."""
     raw = to_dict(config)
-    if isinstance(config, IdentifyConfig):
-        _drop_other_sections(raw, overrides.get("method") or config.method)
-    if isinstance(config, TrainConfig) and overrides.get("strategy") not in (None, config.strategy):
-        from ila.training.strategies.base import strategies
-
-        for name in set(raw) & set(strategies()) - {overrides["strategy"]}:
-            del raw[name]
+    if type(config) in _SECTIONED:
+        key = _SECTIONED[type(config)][1]
+        _drop_other_sections(raw, type(config), overrides.get(key) or getattr(config, key))
     return _build(type(config), _set_dotted(raw, overrides, ""), "", "").validate()
 
 
-def _drop_other_sections(raw: dict[str, Any], method: str) -> None:
-    """Remove the option sections of methods other than `method` (a method chosen on the command line
-    overrides the file's, and with it the file's sections for other methods)."""
-    from ila.importance.base import method_names, methods
-
-    for name in set(raw) & set(methods()) - set(method_names(method)):
+def _drop_other_sections(raw: dict[str, Any], cls: type, running: str) -> None:
+    """Remove the option sections of methods (or strategies) other than `running` (one chosen on the command line
+    overrides the file's, and with it the file's sections for the others)."""
+    known, _, names_of = _registry(cls)
+    for name in set(raw) & set(known) - set(names_of(running)):
         del raw[name]
 
 
