@@ -33,7 +33,8 @@ def _with_option_flags(options: dict[str, str], registry: dict[str, Any], what: 
     return options
 
 
-def _check_options(job: str, options: dict[str, Any], allowed) -> None:
+def check_options(job: str, options: dict[str, Any], allowed) -> None:
+    """One-line `IlaError` naming the first of `options` that is not in `allowed` (keyword options of `job`)."""
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise IlaError(f"{job}: unknown option {unknown[0]!r} (expected one of: {', '.join(allowed)})")
@@ -56,7 +57,7 @@ def identify(
     from ila.importance.job import run_identify
 
     allowed = identify_options()
-    _check_options("identify", options, allowed)
+    check_options("identify", options, allowed)
     overrides = {allowed[k]: v for k, v in options.items()}
     # an in-memory config goes through the same validation as a YAML file
     config = with_overrides(config, overrides) if isinstance(config, IdentifyConfig) else load_config(config, overrides)
@@ -101,7 +102,7 @@ def train(out: str | Path, *, config: TrainConfig | str | Path | None = None, re
     from ila.training.finetune import run_train
 
     allowed = train_options()
-    _check_options("train", options, allowed)
+    check_options("train", options, allowed)
     given = {allowed[k]: v for k, v in options.items() if v is not None and v != []}
     if isinstance(config, TrainConfig):
         return run_train(with_overrides(config, given), out, resume=resume)
@@ -124,7 +125,7 @@ def analyze(out: str | Path, *, config: str | Path | None = None, **options: Any
     from ila.config import AnalyzeConfig
 
     allowed = analyze_options()
-    _check_options("analyze", options, allowed)
+    check_options("analyze", options, allowed)
     given = {allowed[k]: v for k, v in options.items() if v is not None}
     return run_analyze(load_config(config, given, AnalyzeConfig), out)
 
@@ -148,6 +149,6 @@ def evaluate(**options: Any) -> dict:
     from ila.distributed import refuse_distributed
     from ila.evaluation.job import run_eval
 
-    _check_options("evaluate", options, EVAL_OPTIONS)
+    check_options("evaluate", options, EVAL_OPTIONS)
     refuse_distributed("eval", "lm-eval scores an in-memory model in one process")
     return run_eval(**{k: v for k, v in options.items() if v is not None})

@@ -4,8 +4,9 @@
     trainer = SFTTrainer(model=plan.model, args=SFTConfig(..., ddp_find_unused_parameters=plan.sparse_steps),
                          train_dataset=data, callbacks=plan.callbacks)
 
-    ranking = ila.rank_update(peft_model, ila.load_data("train.jsonl", tokenizer))  # ILA stage 2 on your adapter
-    lora = ila.peft_config(ranking, select="top:0.3")                               # then train only the top 30 %
+    train, _ = ila.load_data("train.jsonl", tokenizer)
+    ranking = ila.rank_update(peft_model, train, collator=collate(tokenizer))  # ILA stage 2 on your adapter
+    lora = ila.peft_config(ranking, select="top:0.3")                          # then train only the top 30 %
 
 Both reuse what `ila train` and `ila identify` run: a strategy's `prepare` (its Trainer callbacks) and an
 importance method's `score`, chosen by name from their registries. See docs/integration.md and examples/.
@@ -34,17 +35,15 @@ def prepare_strategy(name: str, model: Any, *, method: str | None = None, rankin
     Ranking objects for strategies that read one; `train`/`collator`: tokenised examples (input_ids, labels) and
     their collator, for strategies that evaluate on data (ist).
     """
-    from ila.api import train_options
+    from ila.api import check_options, train_options
     from ila.config import TrainConfig, load_config
     from ila.layers import discover_layers
     from ila.training.strategies.base import Context, get_strategy
 
     strategy = get_strategy(name)
     allowed = train_options()
-    own = {k for k, v in allowed.items() if v.startswith(f"{name}.")} | SELECTION_OPTIONS
-    unknown = sorted(set(options) - own)
-    if unknown:
-        raise IlaError(f"strategy {name}: unknown option {unknown[0]!r} (expected one of: {', '.join(sorted(own))})")
+    check_options(f"strategy {name}", options,
+                  sorted({k for k, v in allowed.items() if v.startswith(f"{name}.")} | SELECTION_OPTIONS))
     overrides = {"strategy": name, "method": method or strategy.methods[0], "seed": seed,
                  **{allowed[k]: v for k, v in options.items()}}
     if rankings:  # files are what the config checks; the objects reach the strategy through the context
@@ -59,16 +58,16 @@ def prepare_strategy(name: str, model: Any, *, method: str | None = None, rankin
                                     train, collator))
 
 
-def rank_update(model: Any, train: Any, *, method: str = "ila", heldout: Any = None, collator: Any = None,
-                seed: int = 0, work_dir: str | Path | None = None, **options: Any) -> Any:
+def rank_update(model: Any, train: Any, *, collator: Any, method: str = "ila", heldout: Any = None, seed: int = 0,
+                work_dir: str | Path | None = None, **options: Any) -> Any:
     """Rank the layers a trained PEFT LoRA `model` adapts with an update-based importance method (ILA's stage 2 by
     default: gates learned on the frozen adapter, seeds/000 Sec. 3) on tokenised examples `train` (a Dataset with
-    input_ids and labels, e.g. `ila.load_data(...)`'s train split). `options` are the method's options by their
+    input_ids and labels, e.g. `ila.load_data(...)`'s train split) batched by `collator` (e.g.
+    `ila.data.collate(tokenizer)`). `options` are the method's options by their
     `ila identify` keyword names (`stage2_steps`, `budget`, ...). Returns a `Ranking`; the model is left as it was.
     """
-    from ila.api import identify_options
+    from ila.api import check_options, identify_options
     from ila.config import IdentifyConfig, load_config
-    from ila.data import collate
     from ila.importance.base import NEEDS_UPDATE, Inputs, get_method
     from ila.importance.job import make_ranking, package_versions
     from ila.importance.stage1 import Update
@@ -79,20 +78,13 @@ def rank_update(model: Any, train: Any, *, method: str = "ila", heldout: Any = N
         raise IlaError(f"rank_update: method {method!r} does not score a finished update (try ila, ila-fast, "
                        "update-norm)")
     allowed = identify_options()
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise IlaError(f"rank_update: unknown option {unknown[0]!r} (see ila.identify_options())")
+    check_options("rank_update", options, allowed)
     config = load_config(None, {"method": method, "seed": seed, **{allowed[k]: v for k, v in options.items()}},
                          IdentifyConfig)
     base = base_model_of(model)
     layers = [x for x in discover_layers(base) if hasattr(base.get_submodule(x.name), "lora_B")]
     if not layers:
         raise IlaError("rank_update: the model carries no LoRA adapter (wrap it with peft and train it first)")
-    if collator is None:
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is None:
-            raise IlaError("rank_update: pass collator= (e.g. ila.data.collate(tokenizer))")
-        collator = collate(tokenizer)
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     with tempfile.TemporaryDirectory(dir=work_dir) as scratch:  # Trainer output and logs, removed afterwards

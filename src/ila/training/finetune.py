@@ -109,11 +109,12 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     heldout_loss = heldout_metrics(model, heldout, collate(tokenizer))["loss"] if len(heldout) else None
 
     weights = out / ("model" if config.method == "full" else "adapter")
-    if shards_parameters():  # FSDP / ZeRO-3: the Trainer gathers the shards on every process; the main one writes
+    sharded = shards_parameters()
+    if sharded:  # FSDP / ZeRO-3: the Trainer gathers the shards on every process; the main one writes
         trainer.save_model(str(weights))
     if not main_process:
         return TrainRun(model, selection, {}, heldout_loss, trainer)
-    if shards_parameters():
+    if sharded:
         (weights / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer adds; run.json holds the config
     else:
         model.save_pretrained(weights)
