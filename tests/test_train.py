@@ -284,3 +284,20 @@ def test_ranking_from_another_model_is_refused(model_dirs, data_file, tmp_path, 
                  str(tmp_path / "o"), "--select", "top:0.3", "--ranking", str(other)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "gpt2.json" in err and "--transfer" in err
+
+
+@pytest.mark.parametrize("save_steps", [0, 2])
+def test_save_steps_zero_writes_no_checkpoints(save_steps, model_dirs, data_file, tmp_path, capsys):
+    from ila.cli import main
+
+    args = ["train", "--model", str(model_dirs("llama")), "--data", str(data_file), "--max-steps", "3",
+            "--batch-size", "4", "--max-length", "32", "--save-steps", str(save_steps), "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ([] if save_steps == 0 else ["checkpoint-2", "checkpoint-3"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["save_steps"] == save_steps
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main([*args[:-1], str(tmp_path / "bad"), "--save-steps", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "save_steps" in err and ">= 0" in err and "Traceback" not in err

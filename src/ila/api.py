@@ -80,7 +80,7 @@ def list_methods() -> str:
 
 TRAIN_OPTIONS = ("model", "data", "method", "strategy", "select", "rankings", "transfer", "seed", "select_seed",
                  "max_steps", "max_examples", "max_length", "learning_rate", "batch_size", "train_other", "data_seed",
-                 "gradient_checkpointing", "report_to")
+                 "gradient_checkpointing", "report_to", "save_steps")
 
 
 def train_options() -> dict[str, str]:

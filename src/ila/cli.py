@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
     p.add_argument("--report-to", help="any TrainingArguments.report_to value: tensorboard (event files in "
                    "DIR/logs/), wandb, ... (default none)")
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 50); 0: no checkpoints")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
     _add_strategy_options(p)
 

@@ -192,7 +192,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_ratio: float = 0.01
     scheduler: str = "cosine"
-    save_steps: int = 50
+    save_steps: int = 50  # checkpoint interval; 0: no checkpoints (a run that cannot be resumed)
     dtype: str = "float32"  # float32 | bfloat16 (autocast; QLoRA compute dtype)
     report_to: str = "none"
     # full only: also train what lies outside the blocks' linear layers (embeddings, norms, LM head).
@@ -222,8 +222,9 @@ class TrainConfig:
         if strategy.options is not None and self.strategy not in self.strategy_options:
             self.strategy_options[self.strategy] = strategy.options()
         _check("seed", self.seed, seed_range)
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "max_length"):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length"):
             _check(name, getattr(self, name), positive)
+        _check("save_steps", self.save_steps, non_negative)
         if self.learning_rate is not None:
             _check("learning_rate", self.learning_rate, positive)
         if self.max_examples is not None:
