@@ -61,7 +61,7 @@ def worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="strategy_memory_", dir=spec["scratch"]) as out:
         try:
             run = ila.train(Path(out) / "run", **options)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             return {"oom": True, "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
         record = json.loads((Path(out) / "run" / "run.json").read_text()).get("strategy_record", {})
     params = sum(p.numel() for p in run.model.parameters())
@@ -122,7 +122,8 @@ def make_shape(shape: str, model: str, data: str, folder: Path) -> float:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    if not (folder / "config.json").is_file():
+    marker = folder / "shape.json"  # written last: the folder holds a complete model of this shape
+    if not marker.is_file() or json.loads(marker.read_text()) != {"shape": shape, "model": model}:
         config, tokenizer = SHAPES[shape](model, data)
         config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id
@@ -132,6 +133,7 @@ def make_shape(shape: str, model: str, data: str, folder: Path) -> float:
         built.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del built
+        marker.write_text(json.dumps({"shape": shape, "model": model}))
     sizes: dict[str, int] = {}
     for file in folder.glob("*.safetensors"):
         with safe_open(file, "pt") as f:
@@ -221,12 +223,15 @@ def report(results: dict[str, list[dict]]) -> None:
           f"{'× full*':>8} {'× LoRA*':>8} {'ms/step':>8} {'× full':>7}")
     for label in results:
         if label not in fitted:
-            print(f"{label:<17} out of GPU memory (at {max(r['peak_mb'] for r in results[label]):.0f} MiB)")
+            at = max(r["peak_mb"] for r in results[label] if r.get("oom"))
+            print(f"{label:<17} out of GPU memory (at {at:.0f} MiB)")
             continue
         peak, step = med(label, "peak_mb"), med(label, "step_ms")
         print(f"{label:<17} {int(med(label, 'trainable')):>12,} {peak:>9.0f} {peak / med('full', 'peak_mb'):>7.2f} "
               f"{peak / med('LoRA', 'peak_mb'):>7.2f} {grown(label):>7.0f} {grown(label) / grown('full'):>8.2f} "
               f"{grown(label) / grown('LoRA'):>8.2f} {step:>8.0f} {step / med('full', 'step_ms'):>7.2f}")
+    if not fitted:
+        return
     start = statistics.median(r["start_mb"] for rs in fitted.values() for r in rs)
     runtime = statistics.median(r["runtime_mb"] for rs in fitted.values() for r in rs)
     held = (f"runtime {runtime:.0f} MiB after the imports, then the model and the data" if runtime else

@@ -301,3 +301,11 @@ def test_save_steps_zero_writes_no_checkpoints(save_steps, model_dirs, data_file
     assert main([*args[:-1], str(tmp_path / "bad"), "--save-steps", "-1"]) == 2
     err = capsys.readouterr().err
     assert "save_steps" in err and ">= 0" in err and "Traceback" not in err
+
+
+def test_resume_without_a_checkpoint_says_it_starts_over(model_dirs, data_file, rankings, tmp_path, caplog):
+    c = config(model_dirs("llama"), data_file, "lora", "all", rankings, save_steps=0)
+    with caplog.at_level("WARNING", logger="ila.training.finetune"):
+        run = run_train(c, tmp_path / "run", resume=True)
+    assert run.trainer.state.global_step == 3
+    assert any("no complete checkpoint" in r.getMessage() and "step 0" in r.getMessage() for r in caplog.records)
