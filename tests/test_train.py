@@ -305,7 +305,7 @@ def test_save_steps_zero_writes_no_checkpoints(save_steps, model_dirs, data_file
 
 def test_resume_without_a_checkpoint_says_it_starts_over(model_dirs, data_file, rankings, tmp_path, caplog):
     c = config(model_dirs("llama"), data_file, "lora", "all", rankings, save_steps=0)
-    with caplog.at_level("WARNING", logger="ila.training.finetune"):
+    with caplog.at_level("WARNING", logger="ila.training.trainer"):
         run = run_train(c, tmp_path / "run", resume=True)
     assert run.trainer.state.global_step == 3
     assert any("no complete checkpoint" in r.getMessage() and "step 0" in r.getMessage() for r in caplog.records)

@@ -28,7 +28,7 @@ from ila.importance.stability import StabilityCallback, StabilityDetector
 from ila.layers import LayerId, base_model_of
 from ila.training import CostCallback, ResponseLossTrainer, training_arguments
 from ila.training.lora import lora_config
-from ila.training.trainer import last_complete_checkpoint
+from ila.training.trainer import resume_checkpoint
 
 
 @dataclass
@@ -164,8 +164,7 @@ def run_stage1(
         callbacks=[stability, cost, milestones, *tracked.values()],
         logging_dir=work_dir.parent / "logs" / "stage1",
     )
-    checkpoint = last_complete_checkpoint(work_dir) if resume else None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(work_dir, resume))
     model.eval()
     return Stage1Result(
         model=model,

@@ -16,7 +16,6 @@ dropout 0.1.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,8 @@ from ila.selection import Selection, parse_select
 from ila.training.cost import CostCallback, parameter_count
 from ila.training.methods import DEFAULT_LR, quantization_config, trained_layer_names
 from ila.training.strategies.base import Context, get_strategy
-from ila.training.trainer import ResponseLossTrainer, last_complete_checkpoint, training_arguments
+from ila.training.trainer import ResponseLossTrainer, resume_checkpoint, training_arguments
 
-log = logging.getLogger(__name__)
 
 @dataclass
 class TrainRun:
@@ -107,10 +105,7 @@ def run_train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> 
     )
     trainer = ResponseLossTrainer(model=model, args=args, train_dataset=train, data_collator=collate(tokenizer),
                                   callbacks=callbacks, extra_loss=plan.extra_loss, logging_dir=out / "logs")
-    checkpoint = last_complete_checkpoint(out / "checkpoints") if resume else None
-    if resume and checkpoint is None:
-        log.warning("--resume: no complete checkpoint in %s; training starts at step 0", out / "checkpoints")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(out / "checkpoints", resume))
     heldout_loss = heldout_metrics(model, heldout, collate(tokenizer))["loss"] if len(heldout) else None
 
     weights = out / ("model" if config.method == "full" else "adapter")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from ila.errors import IlaError, first_line
 from ila.training.loss import response_loss
+
+log = logging.getLogger(__name__)
 
 
 class QuietProgressCallback(ProgressCallback):
@@ -159,6 +162,15 @@ def training_arguments(
         )
     except (ValueError, ImportError) as exc:  # e.g. an unknown report_to integration
         raise IlaError(f"training arguments: {first_line(exc)[:300]}") from None
+
+
+def resume_checkpoint(work_dir: Path, resume: bool) -> str | None:
+    """The checkpoint a run continues from: with `resume`, the newest complete one in `work_dir`. None starts at
+    step 0; when `resume` found no checkpoint, a warning says so."""
+    checkpoint = last_complete_checkpoint(work_dir) if resume else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no complete checkpoint in %s; training starts at step 0", work_dir)
+    return checkpoint
 
 
 def last_complete_checkpoint(work_dir: Path) -> str | None:
