@@ -9,7 +9,7 @@ Memory: the peak RSS increase during (b) over the RSS before it (models loaded),
 stated bound: one batch's hidden states of both models (2 · (L+1) · batch · tokens · width · 4 bytes) plus the
 pooled vectors (2 · (L+1) · examples · width · 8 bytes), plus the forward pass's own transient buffers.
 
-    python benchmarks/analysis_cost.py                                  # smollm2-135m vs itself, QASC
+    python benchmarks/analysis_cost.py                                  # smollm2-135m vs itself, gsm8k
     python benchmarks/analysis_cost.py --tuned runs/tuned --max-examples 256
 """
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--tuned", default=None, help="default: the base model itself (the cost does not depend on "
                         "the weights' values)")
-    parser.add_argument("--data", default="bigbench:natural_instructions/*qasc*")
+    parser.add_argument("--data", default="gsm8k")
     parser.add_argument("--max-examples", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -11,7 +11,7 @@ Settle ratio (`--settle`): the demo recipe (`ila demo`'s config) end to end thro
 until ε-stable or its cap, stage 2 until its settle rule fires; prints stage-2 time / stage-1 time per repeat
 (repeat k uses seed k) and their median. Target ≤ 0.5.
 
-    python benchmarks/ila_cost.py                      # smollm2-135m, natural_instructions, CPU-sized
+    python benchmarks/ila_cost.py                      # smollm2-135m, the embedded gsm8k set, CPU-sized
     python benchmarks/ila_cost.py --settle --repeats 2 # the demo recipe, time to settle
     python benchmarks/ila_cost.py --shape llama2-7b    # random-init Llama-2-7B shape (GPU)
 """
@@ -76,7 +76,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape instead of --model")
     p.add_argument("--bf16-weights", action="store_true", help="with --shape: keep weights in bfloat16")
-    p.add_argument("--data", default="bigbench:natural_instructions/*qasc*", help="ignored with --shape")
+    p.add_argument("--data", default="gsm8k", help="ignored with --shape")
     p.add_argument("--steps", type=int, default=6, help="measured steps per stage per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)

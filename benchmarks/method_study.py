@@ -1,11 +1,11 @@
 """The importance-method study of docs/importance-methods.md, from two `ila identify --method all` runs on
 disjoint data (same model and settings) and an optional `ila experiment` freeze grid.
 
-    ila identify --method all --config configs/all_methods.yaml --data "bigbench:natural_instructions/*qasc*" \\
-        --out runs/study/qasc
-    ila identify --method all --config configs/all_methods.yaml --data "bigbench:natural_instructions/*mctaco*" \\
-        --out runs/study/mctaco
-    python benchmarks/method_study.py runs/study/qasc runs/study/mctaco [--freeze runs/study/freeze/<name>.csv]
+    ila identify --method all --config configs/all_methods.yaml --data gsm8k \\
+        --out runs/study/gsm8k
+    ila identify --method all --config configs/all_methods.yaml --data roleplay \\
+        --out runs/study/roleplay
+    python benchmarks/method_study.py runs/study/gsm8k runs/study/roleplay [--freeze runs/study/freeze/<name>.csv]
 
 Prints, as Markdown tables: each method's cost (its own `timings.total_s`: load + stage 1 if it uses one +
 scoring); for each dataset the Jaccard@0.75 / Spearman agreement of every pair of methods; how well each method's

@@ -12,7 +12,7 @@ Paper (Llama 2-7B, GPU, batch 2 × 1024): LoRA 0.89 time / 0.87 memory; full 0.7
 Targets: LoRA-30 % ≤ 0.75 time and ≤ 0.80 memory; full-30 % ≤ 0.45 memory.
 
     python benchmarks/selective_cost.py                       # smollm2-135m, CPU-sized (batch 2 × 256)
-    python benchmarks/selective_cost.py --ranking runs/demo/qasc/ranking.json
+    python benchmarks/selective_cost.py --ranking runs/demo/gsm8k/ranking.json
     python benchmarks/selective_cost.py --shape llama2-7b --max-length 1024 --methods lora full   # GPU
 """
 
@@ -96,8 +96,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--shape", choices=["llama2-7b"], help="random-init model of this shape (no QLoRA)")
-    p.add_argument("--data", default="bigbench:natural_instructions/*qasc*")
-    p.add_argument("--ranking", help="ranking.json for the top 30 % (default: a seeded stand-in)")
+    p.add_argument("--data", default="gsm8k")
+    p.add_argument("--ranking", help="ranking.json for the top 30 %% (default: a seeded stand-in)")
     p.add_argument("--methods", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--steps", type=int, default=4, help="measured steps per configuration (+1 warm-up)")
     p.add_argument("--repeats", type=int, default=2)

@@ -5,9 +5,9 @@ under one or more stage-2 settings (`IlaOptions` overrides; the settle rule stop
 and records the scores after every step. It prints each run's settle step and stage-2 time, then for the runs
 named by `--pairs` (e.g. the same data under seeds 0 and 1) the Jaccard@0.75 and Spearman of the final rankings
 (as the product writes them, tie-break included) and of the scores at every few steps. Example (the demo's
-runs, seeds 0 and 1 on QASC, seed 0 on MCTACO):
+runs, seeds 0 and 1 on gsm8k, seed 0 on roleplay):
 
-    python benchmarks/stage2_settle.py --runs runs/s0/qasc runs/s1/qasc runs/s0/mctaco \\
+    python benchmarks/stage2_settle.py --runs runs/s0/gsm8k runs/s1/gsm8k runs/s0/roleplay \\
         --pairs 0,1 0,2 --setting learning_rate=0.2 --setting learning_rate=0.2,data=heldout
 """
 

@@ -4,7 +4,7 @@ IST and Mid-Block on the same model, data and batches.
 Every configuration is one `ila train` (`ila.train`, the code users run) in a fresh process, so its peak is its
 own; configurations are interleaved within each repeat. Peak memory: CUDA max allocated on GPU, peak RSS during
 training on CPU; both include the model's weights. On CPU the RSS also holds the runtime (Python, torch,
-transformers) and what reading the data left in the heap (the BIG-bench archive: several GB), so the CPU ratios
+transformers) and what reading the data left in the heap (small for the embedded sets), so the CPU ratios
 are printed as measured and as the training's own increase: peak − the memory held when training starts (run.json
 `start_memory_mb`: model weights, data, runtime), i.e. gradients, optimizer state and activations. For LISA the
 run's own record gives the AdamW state after each switch against what the active parameters need (2 moments ×
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--shape-dir", type=Path, help="folder for the --shape model: built there once, reused")
     parser.add_argument("--scratch", help="folder for the runs' output (removed after each run; default: the "
                         "system's temporary folder)")
-    parser.add_argument("--data", default="bigbench:natural_instructions/*qasc*")
+    parser.add_argument("--data", default="gsm8k")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (LISA switches every 2)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)

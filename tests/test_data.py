@@ -1,10 +1,9 @@
-"""ila.data on real files, real (tiny, locally trained) tokenizers and the real BIG-bench archive."""
+"""ila.data on real files, real (tiny, locally trained) tokenizers and an archive laid out as BIG-bench's."""
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import datasets
@@ -279,63 +278,68 @@ def test_unreachable_dataset_name(monkeypatch: pytest.MonkeyPatch) -> None:
     # Offline mode: fail at once instead of retrying an unreachable hub for ~25 s.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(IlaError, match=r"data 'no-such-user/no-such-data' is neither a local .json/.jsonl "
-                                       r"file, a 'bigbench:TASK\[/SUBTASK\]' spec nor a dataset"):
+    with pytest.raises(IlaError, match=r"data 'no-such-user/no-such-data': not an embedded set \(gsm8k, .*\) nor "
+                                       r"a local file, and a Hugging Face hub dataset needs the network"):
         load_examples("no-such-user/no-such-data")
 
 
 # --------------------------------------------------------------------------------------------- BIG-bench
 
-@pytest.fixture(scope="module")
-def bigbench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh ILA_CACHE whose downloads/ links to the real archive: the index starts cold.
-
-    The archive itself comes from the user's cache, fetched there with pip on first use (~20 s).
-    """
-    from ila.assets import bigbench_archive
-
-    archive = bigbench_archive()
-    root = tmp_path_factory.mktemp("ila-cache")
-    (root / "downloads" / "bigbench").mkdir(parents=True)
-    (root / "downloads" / "bigbench" / archive.name).symlink_to(archive)
-    return root
+def _task(description: str, n: int, tag: str) -> dict:
+    return {"description": description, "examples": [{"input": f"{tag} question {i}?", "target": f"{tag} {i}"}
+                                                     for i in range(n)]}
 
 
-def test_bigbench_natural_instructions(bigbench_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ILA_CACHE", str(bigbench_cache))
-    spec = "bigbench:natural_instructions/subtask045"
-    t0 = time.perf_counter()
-    cold = load_examples(spec)  # builds the index and extracts subtask045 in one pass
-    cold_s = time.perf_counter() - t0
-    cache = bigbench_cache / "bigbench" / "bigbench-1.0.0"
-    assert (cache / "index.json").is_file()
-    assert len(cold) == 193  # subtask045_miscellaneous_sentence_paraphrasing
+@pytest.fixture
+def bigbench_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A small archive laid out as the BIG-bench 1.0.0 sdist, named by ILA_BIGBENCH; a fresh ILA_CACHE."""
+    import io
+    import tarfile
 
-    # Two subtasks (045 by prefix, 047 by glob; 047 is extracted now), capped, evenly spread.
-    spec2 = "bigbench:natural_instructions/subtask045,subtask047_*"
-    ex = load_examples(spec2, max_examples=20, seed=0)
-    assert len(ex) == 20
+    members = {
+        "natural_instructions/subtask045_miscellaneous_sentence_paraphrasing/task.json":
+            _task("Definition: paraphrase the sentence.", 30, "p"),
+        "natural_instructions/subtask047_misc_answering_science_questions/task.json":
+            _task("Definition: answer the science question.", 12, "s"),
+        "strategyqa/task.json": {"examples": [{"input": "Is it?", "target": ["Yes", "Yes."]},
+                                              {"input": "No target"}]},
+        "bbq_lite/bbq_lite.py": "print('programmatic task')",
+    }
+    archive = tmp_path / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for rel, content in members.items():
+            data = (content if isinstance(content, str) else json.dumps(content)).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{rel}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("ILA_BIGBENCH", str(archive))
+    monkeypatch.setenv("ILA_CACHE", str(tmp_path / "cache"))
+    return archive
+
+
+def test_bigbench_specs_read_the_archive_the_user_names(bigbench_archive: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    cold = load_examples("bigbench:natural_instructions/subtask045")  # builds the index, extracts subtask045
+    cache = tmp_path / "cache" / "bigbench" / "bigbench-1.0.0"
+    assert (cache / "index.json").is_file() and len(cold) == 30
+    assert cold[0]["messages"] == [{"role": "user", "content": "Definition: paraphrase the sentence.\n\np question 0?"},
+                                   {"role": "assistant", "content": "p 0"}]
+    # Two subtasks (045 by prefix, 047 by glob), capped, spread evenly over them.
+    ex = load_examples("bigbench:natural_instructions/subtask045,subtask047_*", max_examples=20, seed=0)
     prompts = [e["messages"][0]["content"] for e in ex]
-    desc45 = json.loads((cache / "tasks/natural_instructions/subtask045_miscellaneous_sentence_paraphrasing"
-                         "/task.json").read_text())["description"].strip()
-    assert sum(p.startswith(desc45 + "\n\n") for p in prompts) == 10
-    assert sum(p.startswith("Definition:") for p in prompts) == 20
-    assert all(e["messages"][-1]["role"] == "assistant" and e["messages"][-1]["content"] for e in ex)
-
-    t0 = time.perf_counter()
-    again = load_examples(spec2, max_examples=20, seed=0)  # fully cached: no archive scan
-    warm_s = time.perf_counter() - t0
-    assert again == ex
-    assert load_examples(spec2, max_examples=20, seed=1) != ex
-    assert warm_s < 2.0, (cold_s, warm_s)
+    assert len(ex) == 20 and sum(p.startswith("Definition: answer") for p in prompts) == 10
+    assert load_examples("bigbench:natural_instructions/subtask045,subtask047_*", max_examples=20, seed=0) == ex
+    with caplog.at_level(logging.WARNING):
+        strategy = load_examples("bigbench:strategyqa")
+    assert strategy == [{"messages": [{"role": "user", "content": "Is it?"}, {"role": "assistant", "content": "Yes"}]}]
+    assert "skipped 1 of 2 examples" in caplog.text
 
 
-def test_bigbench_errors(bigbench_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ILA_CACHE", str(bigbench_cache))
+def test_bigbench_errors(bigbench_archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cases = [
         ("bigbench:natural_instruction", r"no BIG-bench task 'natural_instruction'.*natural_instructions"),
         ("bigbench:natural_instructions/subtask999*", r"no subtask of 'natural_instructions' matches "
-                                                      r"'subtask999\*'; 61 subtasks, e\.g\. subtask"),
+                                                      r"'subtask999\*'; 2 subtasks, e\.g\. subtask"),
         ("bigbench:strategyqa/x", r"'strategyqa' has no subtasks"),
         ("bigbench:bbq_lite", r"'bbq_lite' is programmatic"),
         ("bigbench:", r"missing task name"),
@@ -344,6 +348,13 @@ def test_bigbench_errors(bigbench_cache: Path, monkeypatch: pytest.MonkeyPatch) 
         with pytest.raises(IlaError, match=pattern) as info:
             load_examples(spec)
         assert "\n" not in str(info.value)
+    monkeypatch.setenv("ILA_BIGBENCH", str(bigbench_archive.with_name("missing.tar.gz")))
+    with pytest.raises(IlaError, match=r"ILA_BIGBENCH=.*missing.tar.gz: not a .tar.gz/.tar file"):
+        load_examples("bigbench:strategyqa")
+    monkeypatch.delenv("ILA_BIGBENCH")
+    with pytest.raises(IlaError, match=r"'bigbench:' specs read a BIG-bench source archive that ila does not "
+                                       r"ship: set ILA_BIGBENCH"):
+        load_examples("bigbench:strategyqa")
 
 
 # ------------------------------------------------------------------------------------------------- text rows

@@ -1,6 +1,8 @@
-"""`ila eval` end to end on tiny saved models: a run's held-out loss is reproduced; MC through lm-eval."""
+"""`ila eval` end to end on tiny saved models: a run's held-out loss is reproduced; MC through lm-eval, on a local
+file and on an embedded benchmark without the network."""
 
 import json
+import socket
 
 import pytest
 
@@ -34,9 +36,27 @@ def test_eval_on_a_run_reproduces_its_heldout_loss(train_run, tmp_path, capsys):
     assert "held-out loss" in printed and "accuracy" in printed
 
 
+def test_eval_on_a_run_with_embedded_truthfulqa_needs_no_network(train_run, tmp_path, capsys, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network use: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    out = tmp_path / "res.json"
+    assert main(["eval", "--run", str(train_run), "--mc", "truthfulqa", "--limit", "20", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    task = results["multiple_choice"]["truthfulqa"]
+    assert task["n"] == 20 and 0 <= task["accuracy"] <= 1 and task["source"] == "embedded"
+    assert results["settings"] == {"mc": ["truthfulqa"], "exact": [], "limit": 20, "seed": 0}
+    assert "truthfulqa: accuracy" in printed and "(n=20)" in printed
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--run", "/nonexistent/run"], "no run.json or ranking.json"),
-    (["--limit", "0", "--mc", "hhh_alignment"], "--limit"),
+    (["--limit", "0", "--mc", "truthfulqa"], "--limit"),
+    (["--mc", "hhh_alignment"], "'bigbench:hhh_alignment' with ILA_BIGBENCH"),
+    (["--mc", "bbh:no_such_task"], "no BBH task 'no_such_task'"),
     (["--judge-endpoint", "http://127.0.0.1:9"], "--judge-model"),
 ])
 def test_eval_bad_input(args, needle, model_dirs, capsys):

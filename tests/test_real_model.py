@@ -1,4 +1,4 @@
-"""End to end on the real embedded smollm2-135m and BIG-bench data (fetched once into the cache)."""
+"""End to end on the real embedded smollm2-135m (fetched once into the cache) and an embedded data set."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ def test_identify_on_smollm2_with_a_handful_of_steps(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "ila.cli", "identify", "--model", "smollm2-135m",
-         "--data", "bigbench:natural_instructions/subtask041*", "--out", str(out), "--max-steps", "2",
+         "--data", "roleplay", "--out", str(out), "--max-steps", "2",
          "--stage2-steps", "2", "--max-examples", "24", "--max-length", "160"],
         capture_output=True, text=True, timeout=900,
     )

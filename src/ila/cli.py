@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="instruction data to score held-out loss on (instead of a run's split)")
     p.add_argument("--max-examples", type=int, help="cap on the examples read from --data")
     p.add_argument("--max-length", type=int, help="truncate --data examples to this many tokens (default 512)")
-    p.add_argument("--mc", nargs="+", help="multiple-choice tasks: hhh_alignment, truthful_qa, bigbench:TASK, "
-                   "an lm-eval task name, or a local file")
-    p.add_argument("--exact", nargs="+", help="generative exact-match specs, e.g. bigbench:arithmetic/2_digit_addition")
+    p.add_argument("--mc", nargs="+", help="multiple-choice tasks: embedded truthfulqa, harmless, bbh or "
+                   "bbh:TASK[,TASK...]; bigbench:TASK (with ILA_BIGBENCH), an lm-eval task name, or a local file")
+    p.add_argument("--exact", nargs="+", help="generative exact-match specs: embedded gsm8k, bbh or "
+                   "bbh:TASK[,TASK...]; bigbench:TASK (with ILA_BIGBENCH) or a data file")
     p.add_argument("--limit", type=int, help="examples per MC / exact-match task (default 50)")
     p.add_argument("--seed", type=int, help="seed for sampling examples (default 0)")
     p.add_argument("--judge-endpoint", help="OpenAI-compatible base URL for judge grading (off by default)")
@@ -180,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     p.add_argument("--title", help="page title (default: ila report)")
 
-    p = sub.add_parser("demo", help="rank smollm2-135m on two disjoint natural_instructions subsets "
-                       "(QASC, MCTACO) and compare",
-                       epilog=EPILOG)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for both runs (default runs/demo)")
+    sub.add_parser("datasets", help="list the data sets that ship inside ila (rows, licence, purpose)",
+                   description="The embedded sets: SFT data for --data NAME (train split) and the benchmarks of "
+                   "ila eval. Each card (origin, sha256, split) is in docs/data.md.", epilog=EPILOG)
+
+    p = sub.add_parser("demo", help="rank smollm2-135m on three embedded SFT sets (gsm8k, roleplay, harmless) "
+                       "and compare the rankings", epilog=EPILOG)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the runs (default runs/demo)")
     p.add_argument("--max-steps", type=int, help="stage-1 step cap of each run")
     p.add_argument("--stage2-steps", type=int, help="stage-2 steps of each run")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -291,6 +295,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "report":
         print(f"wrote {ila.write_report(args.paths, args.out, title=args.title)}")
         return 0
+    if args.command == "datasets":
+        print(format_datasets(ila.list_datasets()))
+        return 0
     if args.command == "demo":
         from ila.demo import run_demo
 
@@ -339,10 +346,22 @@ def format_eval(results: dict) -> str:
     for task, r in results.get("multiple_choice", {}).items():
         lines.append(f"{task}: accuracy {r['accuracy']:.3f}, acc_norm {r['acc_norm']:.3f} (n={r['n']})")
     for spec, r in results.get("exact_match", {}).items():
-        lines.append(f"{spec}: exact match {r['exact_match']:.3f} (n={r['n']})")
+        lines.append(f"{spec}: exact match {r['exact_match']:.3f}, extracted match {r['extracted_match']:.3f} "
+                     f"(n={r['n']})")
     if "judge" in results:
         j = results["judge"]
         lines.append(f"judge: mean score {j['mean_score']} over {j['rated']} rated of {j['n']}")
+    return "\n".join(lines)
+
+
+def format_datasets(table: list[dict]) -> str:
+    """One block per embedded set: name, kind, rows, licence; then its purpose and hub name."""
+    lines = []
+    for row in table:
+        rows = ", ".join(f"{k} {v}" for k, v in row["rows"].items())
+        kind = "SFT data (--data)" if row["kind"] == "sft" else "benchmark (ila eval)"
+        lines += [f"{row['name']:<11} {kind:<21} {rows:<24} {row['licence']}",
+                  f"{'':<11} {row['purpose']}", f"{'':<11} online: {row['hub']}"]
     return "\n".join(lines)
 
 

@@ -32,8 +32,8 @@ from ila.options import seed as seed_range
 
 MODEL_HELP = ("local HF folder, hub name, .gguf file, or embedded name (smollm2-135m, gemma3-270m); "
               "default smollm2-135m")
-DATA_HELP = ("alpaca/messages .json/.jsonl file, hub dataset name, or bigbench:TASK[/SUBTASK_GLOB]; "
-             "default a natural_instructions subset")
+DATA_HELP = ("an embedded set (gsm8k, roleplay, codegen, harmless: ila datasets), an alpaca/messages/dialogue "
+             ".json/.jsonl file, a hub dataset name, or bigbench:TASK[/SUBTASK_GLOB] with ILA_BIGBENCH; default gsm8k")
 
 
 @dataclass

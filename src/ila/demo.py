@@ -1,10 +1,11 @@
-"""`ila demo`: rank smollm2-135m's layers on two disjoint natural_instructions subsets and compare them.
+"""`ila demo`: rank smollm2-135m's layers on three embedded SFT sets of different kinds and compare them.
 
-QASC (science facts, subtasks 036–042) and MCTACO (temporal commonsense, 003–021) are disjoint task
-families whose prompts mostly fit the demo's 256 tokens.
+GSM8K (maths worked solutions), GPTeacher roleplay (in-character answers) and hh-rlhf harmless (the chosen
+answer of a dialogue) ship inside ila (`ila datasets`), so the demo needs no download besides the model.
 
 The paper's Table 2 compares rankings from different alignment datasets by Jaccard@75 %. The demo does the
-same in miniature and prints what it measured, next to the Jaccard two random rankings would have.
+same in miniature and prints the Jaccard@0.75 and Spearman matrices it measured, next to the Jaccard two
+random rankings would have.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from ila.comparison import compare
 from ila.errors import IlaError
 from ila.ranking import Ranking
 
-DATASETS = {
-    "qasc": "bigbench:natural_instructions/*qasc*",
-    "mctaco": "bigbench:natural_instructions/*mctaco*",
-}
+DATASETS = ("gsm8k", "roleplay", "harmless")
+"""The embedded SFT sets the demo ranks on (one run each, named after the set)."""
 
 
 def demo_config_path() -> Path:
@@ -65,33 +64,41 @@ def _stage1_summary(meta: dict) -> str:
 
 
 def run_demo(out: str | Path, *, max_steps: int | None = None, stage2_steps: int | None = None,
-             seed: int = 0) -> float:
-    """Run both identifications into `out/<name>/`, print a summary; returns Jaccard@0.75."""
+             seed: int = 0) -> list[list[float]]:
+    """Run one identification per set into `out/<set>/`, print a summary; returns the Jaccard@0.75 matrix."""
     out = Path(out)
     started = time.perf_counter()
     rankings = {}
-    for name, data in DATASETS.items():
-        print(f"[{name}] ILA on smollm2-135m with {data}")
+    for name in DATASETS:
+        print(f"[{name}] ILA on smollm2-135m with the embedded set {name!r}")
         run_dir = out / name
         if (run_dir / "ranking.json").exists():
             rankings[name] = _reuse(run_dir, seed=seed, max_steps=max_steps, stage2_steps=stage2_steps)
             print(f"[{name}] reusing the finished run in {run_dir}")
             continue
-        rankings[name] = identify(run_dir, config=demo_config_path(), data=data, seed=seed, max_steps=max_steps,
+        rankings[name] = identify(run_dir, config=demo_config_path(), data=name, seed=seed, max_steps=max_steps,
                                   stage2_steps=stage2_steps)
         meta = rankings[name].metadata
         settled = meta.get("stage2_settled_step")
         print(f"[{name}] {_stage1_summary(meta)}; stage 2: {meta['stage2_steps']} steps, "
               f"{f'settled at step {settled}' if settled else 'step cap before it settled'}; "
               f"{meta['timings']['total_s']:.0f} s")
-    comparison = compare(list(rankings.values()), top=0.75)
+    comparison = compare(list(rankings.values()), labels=list(rankings), top=0.75)
     n = len(next(iter(rankings.values())).entries)
-    a, b = (out / name / "ranking.json" for name in DATASETS)
     print()
-    print(f"rankings: {a}  {b}")
-    print(f"heatmaps: {a.with_name('heatmap.png')}  {b.with_name('heatmap.png')}")
-    print(f"jaccard@0.75 = {comparison.jaccard[0][1]:.3f}   (two random rankings of {n} layers: "
-          f"{random_jaccard(n, 0.75):.3f}; paper, Llama-2-7B across datasets: 0.90)")
-    print(f"spearman = {comparison.spearman[0][1]:.3f}")
+    print(f"rankings and heatmaps: {out}/<set>/ranking.json, heatmap.png")
+    print(f"jaccard@0.75 (two random rankings of {n} layers: {random_jaccard(n, 0.75):.3f}; paper, Llama-2-7B "
+          "across alignment datasets: >= 0.90)")
+    print(_matrix(list(rankings), comparison.jaccard))
+    print("spearman")
+    print(_matrix(list(rankings), comparison.spearman))
     print(f"demo time: {time.perf_counter() - started:.0f} s")
-    return comparison.jaccard[0][1]
+    return comparison.jaccard
+
+
+def _matrix(names: list[str], values: list[list[float]]) -> str:
+    """A labelled square matrix, three decimals."""
+    width = max(len(n) for n in names) + 2
+    rows = [" " * width + "".join(f"{n:>{width}}" for n in names)]
+    rows += [f"{a:<{width}}" + "".join(f"{v:>{width}.3f}" for v in row) for a, row in zip(names, values)]
+    return "\n".join(rows)

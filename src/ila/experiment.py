@@ -8,7 +8,7 @@ skipped on re-run. Rankings the selections need come from a given file or from
 
     name: table8                    # grid keys; every key is checked, a typo is a one-line error
     models: [smollm2-135m]
-    data: ["bigbench:natural_instructions/*qasc*"]
+    data: [gsm8k, roleplay]
     methods: [lora]
     seeds: [0, 1]
     selections:                     # a --select value, or a mapping with a label
@@ -20,7 +20,7 @@ skipped on re-run. Rankings the selections need come from a given file or from
     ranking: null                   # ranking.json (or a list, for intersect:F), or null: identify per (model, data)
     identify: {stage1: {max_steps: 40}}   # IdentifyConfig keys for those identify runs
     train: {max_steps: 40}                # TrainConfig keys shared by every cell
-    eval: {mc: [hhh_alignment], exact: [], limit: 50}   # optional: `ila eval` of every cell -> more columns
+    eval: {mc: [harmless, truthfulqa], exact: [], limit: 50}   # optional: `ila eval` of every cell -> more columns
 
 A selection may name a training `strategy` (see `ila train --list-strategies`) with its options as a section
 named after it, a `method` of its own (it then runs with that method only, whatever `methods` says) and a
@@ -342,7 +342,7 @@ def _summary(cell: Path) -> dict:
     if (cell / "eval.json").exists():
         results = json.loads((cell / "eval.json").read_text())
         summary |= {f"acc {task}": r["accuracy"] for task, r in results.get("multiple_choice", {}).items()}
-        summary |= {f"em {spec}": r["exact_match"] for spec, r in results.get("exact_match", {}).items()}
+        summary |= {f"em {spec}": r["extracted_match"] for spec, r in results.get("exact_match", {}).items()}
     return summary
 
 

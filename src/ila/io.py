@@ -45,6 +45,21 @@ def read_json(path: Path, label: str) -> Any:
         raise IlaError(f"{label}: not valid JSON ({exc})") from None
 
 
+def check_safetensors(folder: Path, label: str) -> None:
+    """Read the header of every `*.safetensors` file in FOLDER; a one-line error naming the first file that is
+    truncated or damaged (safetensors' own error names no file). LABEL starts the message ("model x")."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError; every one means "unreadable"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise IlaError(f"{label}: {file} is not a readable safetensors file ({reason}); "
+                           "it may be truncated or damaged, write or download it again") from None
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode())
 

@@ -6,6 +6,7 @@ cached as safetensors under `cache_dir()/models/`, so later loads take well unde
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -13,6 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,7 @@ import torch
 
 from ila.assets import EMBEDDED_MODELS, cache_dir, embedded_gguf_path
 from ila.errors import IlaError, first_line
+from ila.io import check_safetensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -166,6 +169,7 @@ def _load_folder(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_safetensors(folder, f"model {shown!r}")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -253,6 +257,25 @@ def _offline() -> bool:
     except ImportError:  # pragma: no cover - a transformers dependency
         pass
     return not _hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@contextlib.contextmanager
+def hub_offline_when_unreachable() -> Iterator[None]:
+    """While loading hub data (`datasets`, lm-eval tasks): when the Hugging Face hub cannot be reached (`_offline`,
+    a quick TCP probe), switch `huggingface_hub`/`datasets` to offline mode, so `datasets` reads its local
+    cache or fails at once instead of after ~25 s of connection retries."""
+    if not _offline():
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ila.errors import IlaError
+from ila.io import check_safetensors
 
 CONVERT_HINT = ("convert it with AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, "
                 "safe_serialization=True)")
@@ -29,6 +30,7 @@ class WeightFiles:
             self.files = {key: self.folder / name for key, name in weight_map.items()}
         else:
             self.files = {}
+            check_safetensors(self.folder, f"model {self.folder}")
             for file in sorted(self.folder.glob("*.safetensors")):
                 with safe_open(str(file), "pt") as f:  # reads the header only
                     self.files.update(dict.fromkeys(f.keys(), file))

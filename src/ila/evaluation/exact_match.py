@@ -1,7 +1,10 @@
 """Generative exact match: greedy answers to reasoning-style prompts compared with the reference answers.
 
-Prompts go through `ila.data.render_prompt` (the tokenizer's chat template when it has one, else the plain
-`### Instruction:` template) and are tokenised as in training, so a fine-tuned model sees its training format.
+Specs: the embedded benchmarks `gsm8k` (test split; the last number of the output against the number after
+`####`) and `bbh` / `bbh:TASK[,TASK...]` (BIG-Bench-Hard examples without listed options), `bigbench:` specs
+(an archive `$ILA_BIGBENCH` points to), or anything `ila.data.load_examples` reads. Prompts go through
+`ila.data.render_prompt` (the tokenizer's chat template when it has one, else the plain `### Instruction:`
+template) and are tokenised as in training, so a fine-tuned model sees its training format.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ila import bigbench
 from ila.errors import IlaError
+from ila.evaluation import benchmarks
 
 if TYPE_CHECKING:
     from torch import nn
@@ -23,6 +27,16 @@ TRAILING_PUNCTUATION = ".,!?;:"
 
 BIGBENCH_DEFAULT_REGEX = r"[^\.\?\!\;\n]+"
 """BIG-bench's answer extraction when a task sets neither `output_regex` nor `stop_string`."""
+
+EXTRACTIONS = {
+    "regex": "BIG-bench post-processing: cut at the task's stop_string, keep the first match of its output_regex "
+             "(default [^.?!;\\n]+, the text up to the first sentence end)",
+    "last_number": "the last number in the output (commas, $ and a trailing .0 dropped)",
+}
+"""How `extracted_match` reads an answer off an output, by an item's `extract` field."""
+
+DEFAULT_MAX_NEW_TOKENS = 32
+"""Generation length when neither the caller nor the benchmark (`benchmarks.MAX_NEW_TOKENS`) sets one."""
 
 
 def normalise_answer(text: str) -> str:
@@ -46,6 +60,16 @@ def bigbench_extract(text: str, *, output_regex: str | None = None, stop_string:
         return text
     match = re.search(regex, text)
     return match.group(0) if match else ""
+
+
+def extract_answer(text: str, item: Mapping[str, Any]) -> str:
+    """The answer `extracted_match` compares: the last number of TEXT for an item with `extract: "last_number"`
+    ("" when there is none), else `bigbench_extract` with the item's `output_regex` / `stop_string`."""
+    if item.get("extract") == "last_number":
+        from ila.data.embedded import last_number
+
+        return last_number(text) or ""
+    return bigbench_extract(text, output_regex=item.get("output_regex"), stop_string=item.get("stop_string"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,7 +169,7 @@ def _bigbench_items(spec: str, seed: int) -> list[list[dict[str, Any]]]:
                 text += "".join(str(data.get("choice_prefix", DEFAULT_CHOICE_PREFIX)) + c for c in choices)
             items.append({"messages": [{"role": "user", "content": text.strip()}], "targets": targets,
                           "output_regex": data.get("output_regex"), "stop_string": data.get("stop_string"),
-                          "subtask": name})
+                          "extract": "regex", "subtask": name})
         groups.append(items)
     if not any(groups):
         raise IlaError(f"data {spec!r}: no examples with a text 'target' or 'target_scores'")
@@ -153,55 +177,83 @@ def _bigbench_items(spec: str, seed: int) -> list[list[dict[str, Any]]]:
 
 
 def exact_match_items(spec: str, *, limit: int | None = 50, seed: int = 0) -> list[dict[str, Any]]:
-    """Items (`messages` = the prompt, `targets` = accepted answers, ...) of SPEC for `exact_match`.
+    """Items (`messages` = the prompt, `targets` = accepted answers, `extract`, `output_regex`, `stop_string`,
+    `subtask`) of SPEC for `exact_match`.
 
-    SPEC: `bigbench:TASK[/SUBTASK,...]` (targets: `target`, a string or a list of accepted strings; for
+    SPEC: `gsm8k` (the test split; target: the number after `####`, read off the output as its last number),
+    `bbh` / `bbh:TASK[,TASK...]` (the BBH examples without an `Options:` block, decided per example; target: the
+    BBH target), `bigbench:TASK[/SUBTASK,...]` (targets: `target`, a string or a list of accepted strings; for
     examples with only `target_scores`, the best-scoring choices, with the choices appended to the prompt as
     BIG-bench does), or anything `ila.data.load_examples` reads (target: the response). LIMIT: a seeded
-    subset, spread evenly over BIG-bench subtasks.
+    subset, spread evenly over BBH tasks and BIG-bench subtasks.
     """
     from ila.data import load_examples
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise IlaError(f"limit is {limit!r}, expected a positive integer or None")
-    if str(spec).startswith(bigbench.PREFIX):
+    groups = None
+    if benchmarks.is_exact_benchmark(str(spec)):
+        groups = benchmarks.exact_groups(spec)
+    elif str(spec).startswith(bigbench.PREFIX):
         groups = _bigbench_items(spec, seed)
+    if groups is not None:
         return [x for g in groups for x in g] if limit is None else bigbench.sample_evenly(groups, limit, seed)
     examples = load_examples(spec, max_examples=limit, seed=seed)
     if any("text" in ex for ex in examples):
         raise IlaError(f"exact match on {spec}: text rows have no prompt and target; expected alpaca, messages or "
                        "conversations rows")
     return [{"messages": ex["messages"][:-1], "targets": [ex["messages"][-1]["content"]], "output_regex": None,
-             "stop_string": None, "subtask": ""} for ex in examples]
+             "stop_string": None, "extract": "regex", "subtask": ""} for ex in examples]
+
+
+METRICS = ("exact_match", "first_line_match", "extracted_match")
+"""The three rates `exact_match` reports."""
+
+
+def _rates(flags: Sequence[Mapping[str, bool]]) -> dict[str, float]:
+    return {key: sum(f[key] for f in flags) / len(flags) for key in METRICS}
 
 
 def exact_match(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: str, *, limit: int | None = 50,
-                max_new_tokens: int = 32, seed: int = 0, batch_size: int = 8,
+                max_new_tokens: int | None = None, seed: int = 0, batch_size: int = 8,
                 show: int = 5) -> dict[str, Any]:
     """Greedy generation on SPEC (see `exact_match_items`) scored against the reference answers.
 
     An answer counts when its normalised form (`normalise_answer`) equals the normalised form of any target:
     `exact_match` compares the whole output, `first_line_match` the first non-blank line of the output,
-    `bigbench_match` the part BIG-bench's own post-processing keeps (`bigbench_extract` with the task's
-    `output_regex`/`stop_string`; local files use the default regex). Returns those three rates, `n`, and the
-    first SHOW `examples` (prompt, output, targets, match flags).
+    `extracted_match` the answer `extract_answer` reads off it (GSM8K: the last number; otherwise BIG-bench's
+    post-processing with the task's `output_regex`/`stop_string`, the default regex for other specs).
+    MAX_NEW_TOKENS: None takes the benchmark's default (`benchmarks.MAX_NEW_TOKENS`: gsm8k 256, bbh 64), else 32.
+    Returns those three rates, `n`, `spec`, `extraction` (how `extracted_match` reads answers), `subtasks`
+    (the rates and `n` per subtask, e.g. per BBH task, when there are several) and the first SHOW `examples`
+    (prompt, output, extracted answer, targets, match flags).
     """
     from ila.data import render_prompt
 
+    if max_new_tokens is None:
+        max_new_tokens = benchmarks.MAX_NEW_TOKENS.get(benchmarks.benchmark_name(str(spec)), DEFAULT_MAX_NEW_TOKENS)
     items = exact_match_items(spec, limit=limit, seed=seed)
+    if not items:
+        raise IlaError(f"exact match on {spec}: no examples")
     prompts = [render_prompt(item["messages"], tokenizer) for item in items]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    hits = {"exact_match": 0, "first_line_match": 0, "bigbench_match": 0}
-    examples = []
+    flags, examples = [], []
     for item, prompt, output in zip(items, prompts, outputs):
         targets = {normalise_answer(t) for t in item["targets"]}
-        extracted = bigbench_extract(output, output_regex=item["output_regex"], stop_string=item["stop_string"])
-        flags = {"exact_match": normalise_answer(output) in targets,
-                 "first_line_match": normalise_answer(first_line(output)) in targets,
-                 "bigbench_match": normalise_answer(extracted) in targets}
-        for key, ok in flags.items():
-            hits[key] += ok
+        extracted = extract_answer(output, item)
+        flag = {"exact_match": normalise_answer(output) in targets,
+                "first_line_match": normalise_answer(first_line(output)) in targets,
+                "extracted_match": normalise_answer(extracted) in targets}
+        flags.append(flag)
         if len(examples) < show:
-            examples.append({"prompt": prompt, "output": output, "targets": item["targets"], **flags})
-    n = len(items)
-    return {**{key: count / n for key, count in hits.items()}, "n": n, "spec": spec, "examples": examples}
+            examples.append({"prompt": prompt, "output": output, "extracted": extracted, "targets": item["targets"],
+                             **flag})
+    by_subtask: dict[str, list[Mapping[str, bool]]] = {}
+    for item, flag in zip(items, flags):
+        by_subtask.setdefault(str(item.get("subtask", "")), []).append(flag)
+    result: dict[str, Any] = {**_rates(flags), "n": len(items), "spec": spec,
+                              "extraction": EXTRACTIONS[items[0].get("extract", "regex")]}
+    if len(by_subtask) > 1:
+        result["subtasks"] = {name: {**_rates(f), "n": len(f)} for name, f in sorted(by_subtask.items())}
+    result["examples"] = examples
+    return result

@@ -1,35 +1,37 @@
-"""Multiple-choice accuracy through lm-evaluation-harness, on BIG-bench tasks turned into local files.
+"""Multiple-choice accuracy through lm-evaluation-harness, on embedded benchmarks, BIG-bench tasks or local files.
 
 A task spec is one of:
 
-* a ready name: `hhh_alignment` (221 two-choice questions; subtasks harmless/helpful/honest/other) or
-  `truthful_qa` (299 questions, BIG-bench's `truthful_qa/task_mc.json`, one true answer among 2-5);
-* `bigbench:TASK[/SUBTASK_GLOB,...]` for any BIG-bench JSON task whose examples have `target_scores`;
+* an embedded benchmark (`ila.evaluation.benchmarks`, data shipped in `ila/data/sets/`): `truthfulqa`
+  (TruthfulQA MC1, 817 questions), `harmless` (hh-rlhf harmless-base preference accuracy on the held-out test
+  split) or `bbh` / `bbh:TASK[,TASK...]` (BIG-Bench-Hard examples that list their options; per-task scores);
+* `bigbench:TASK[/SUBTASK_GLOB,...]` for any BIG-bench JSON task whose examples have `target_scores`, read
+  from the archive `$ILA_BIGBENCH` points to (`ila.assets.bigbench_archive`);
 * a local `.json`/`.jsonl` file: a BIG-bench `task.json` (a dict with `examples`), or a list / JSON lines of
   examples, each either `{"input", "target_scores": {choice: score}}` or
   `{"question", "choices": [...], "answer": index | [indices] | choice}`;
 * a local lm-eval task config `.yaml`, or an lm-eval registry name (`mmlu`, `hellaswag`, ...), which loads
   its data from the Hugging Face hub (an `IlaError` when that is unreachable).
 
-BIG-bench and local-file tasks are written once as JSON lines under `cache_dir()/lm_eval_tasks/` and scored
-by lm-eval as `multiple_choice` tasks (log-likelihood of each choice after the prompt; `acc` and
+Embedded, BIG-bench and local-file tasks are written once as JSON lines under `cache_dir()/lm_eval_tasks/` and
+scored by lm-eval as `multiple_choice` tasks (log-likelihood of each choice after the prompt; `acc` and
 `acc_norm`, the latter with the log-likelihood divided by the choice's length in characters).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ila import bigbench
 from ila.errors import IlaError
+from ila.evaluation import benchmarks
 from ila.io import slug, write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -38,11 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READY_TASKS: dict[str, str] = {
-    "hhh_alignment": "bigbench:hhh_alignment",
-    "truthful_qa": "bigbench:truthful_qa",
-}
-"""Short names for BIG-bench multiple-choice tasks (the value is the `bigbench:` spec)."""
+REMOVED_TASKS = ("hhh_alignment", "truthful_qa")
+"""Former short names of BIG-bench tasks, read from an archive that is no longer served; they now raise an IlaError
+naming the embedded benchmarks and the `bigbench:` spec."""
 
 TASK_DIR = "lm_eval_tasks"
 """Folder under `cache_dir()` that holds the generated JSON-lines task files."""
@@ -240,13 +240,26 @@ def _file_docs(path: Path, seed: int) -> list[dict[str, Any]]:
     return docs
 
 
+def check_removed(spec: str) -> None:
+    """A one-line IlaError for the former ready names `hhh_alignment` / `truthful_qa` (`REMOVED_TASKS`)."""
+    if spec in REMOVED_TASKS:
+        raise IlaError(f"task {spec!r}: removed with the BIG-bench download; use an embedded benchmark "
+                       f"({', '.join(benchmarks.MC_BENCHMARKS)}), or 'bigbench:{spec}' with "
+                       "ILA_BIGBENCH pointing at a bigbench-1.0.0.tar.gz archive")
+
+
 def mc_docs(spec: str, *, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """The lm-eval docs (`query`, `choices`, `gold` indices, `answer`, `subtask`) of a BIG-bench or file SPEC.
+    """The lm-eval docs (`query`, `choices`, `gold` indices, `answer`, `subtask`) of an embedded benchmark,
+    BIG-bench or file SPEC.
 
     LIMIT keeps a seeded random subset spread evenly over the subtasks (each keeps its order).
     """
-    spec = READY_TASKS.get(spec, spec)
-    if spec.startswith(bigbench.PREFIX):
+    check_removed(spec)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise IlaError(f"limit is {limit!r}, expected a positive integer or None")
+    if benchmarks.is_mc_benchmark(spec):
+        groups = benchmarks.mc_groups(spec, seed)
+    elif spec.startswith(bigbench.PREFIX):
         groups = [_docs_from_task(name, data, seed, f"bigbench {name} ({path.name})")
                   for name, path, data in bigbench_tasks(spec)]
         if not any(groups):
@@ -305,7 +318,9 @@ def task_config(task_name: str, data_file: Path) -> dict[str, Any]:
 
 
 def _kind(spec: str) -> str:
-    if spec in READY_TASKS or spec.startswith(bigbench.PREFIX):
+    if benchmarks.is_mc_benchmark(spec):
+        return "embedded"
+    if spec.startswith(bigbench.PREFIX):
         return "bigbench"
     suffix = Path(spec).suffix.lower()
     if suffix in _LOCAL_SUFFIXES:
@@ -336,38 +351,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-@contextlib.contextmanager
-def _hub_offline_when_unreachable() -> Iterator[None]:
-    """While loading lm-eval task data: when the Hugging Face hub cannot be reached (a quick TCP probe,
-    `ila.models._offline`), switch `huggingface_hub`/`datasets` to offline mode, so `datasets` reads its local
-    cache or fails at once instead of after ~25 s of connection retries."""
-    from ila.models import _offline
-
-    if not _offline():
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants as hub_constants
-
-    saved = hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
-    hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
-
-
 def _load_registry(tm: Any, spec: str) -> dict[str, Any]:
+    from ila.models import hub_offline_when_unreachable
+
     try:
-        with _hub_offline_when_unreachable():
+        with hub_offline_when_unreachable():
             return tm.load([spec])
     except KeyError:
         import difflib
 
         close = difflib.get_close_matches(spec, tm.all_tasks, n=5, cutoff=0.6)
         hint = f"; close lm-eval names: {', '.join(close)}" if close else ""
-        raise IlaError(f"task {spec!r}: not a ready name ({', '.join(READY_TASKS)}), a 'bigbench:TASK' spec, "
-                       f"a .json/.jsonl/.yaml file or an lm-eval task{hint}") from None
+        raise IlaError(f"task {spec!r}: not an embedded benchmark ({', '.join(benchmarks.MC_BENCHMARKS)}), a "
+                       f"'bigbench:TASK' spec, a .json/.jsonl/.yaml file or an lm-eval task{hint}") from None
     except Exception as e:  # dataset loading raises many types (connection, offline mode, builder errors)
         raise IlaError(f"task {spec!r}: lm-eval could not load it ({_first_line(e)}); registry tasks read their "
                        "data from the Hugging Face hub, which must be reachable (or hold them in its local "
@@ -433,15 +429,16 @@ def multiple_choice(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks:
                     chat_template: bool = False) -> dict[str, dict[str, Any]]:
     """Multiple-choice accuracy of an in-memory MODEL (a PeftModel too) on each of TASKS, via lm-eval.
 
-    TASKS: ready names, `bigbench:` specs, local files or lm-eval task names (module docstring). LIMIT:
-    at most this many examples per task (a seeded subset, spread over subtasks, for local tasks; lm-eval's
-    first-N for registry tasks). NUM_FEWSHOT: demonstrations before each question (None: the task's own
-    default, e.g. for a registry task configured with one). CHAT_TEMPLATE wraps prompts in the tokenizer's
-    chat template (lm-eval's `apply_chat_template`). The model's train/eval mode is restored afterwards;
-    global RNGs are not reseeded.
+    TASKS: embedded benchmarks, `bigbench:` specs, local files or lm-eval task names (module docstring).
+    LIMIT: at most this many examples per task (a seeded subset, spread over subtasks, for embedded, BIG-bench
+    and file tasks; lm-eval's first-N for registry tasks). NUM_FEWSHOT: demonstrations before each question
+    (None: the task's own default, e.g. for a registry task configured with one). CHAT_TEMPLATE wraps prompts
+    in the tokenizer's chat template (lm-eval's `apply_chat_template`). The model's train/eval mode is restored
+    afterwards; global RNGs are not reseeded.
 
-    Returns, per task spec: `accuracy` (lm-eval `acc`), `acc_norm`, `n`, `accuracy_stderr`, `source`,
-    `lm_eval_task`, for local tasks `data_file`, and `subtasks` (per-subtask scores) when there are several.
+    Returns, per task spec: `accuracy` (lm-eval `acc`), `acc_norm`, `n`, `accuracy_stderr`, `source` (embedded,
+    bigbench, file, yaml or lm-eval), `lm_eval_task`, for local tasks `data_file`, and `subtasks` (per-subtask
+    scores, e.g. per BBH task) when there are several.
     """
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
         raise IlaError(f"tasks is {tasks!r}, expected a non-empty list of task names")
@@ -454,14 +451,16 @@ def multiple_choice(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks:
         raise IlaError(f"num_fewshot is {num_fewshot!r}, expected an integer >= 0 or None")
     if len(set(tasks)) != len(tasks):
         raise IlaError(f"tasks {list(tasks)!r} name a task twice")
+    for spec in tasks:
+        check_removed(spec)
     lm_eval, HFLM, TaskManager = _import_lm_eval()
 
     # Build local task files first, so bad specs fail before any model work.
     local: dict[str, tuple[str, Path]] = {}
     for spec in tasks:
-        if _kind(spec) in ("bigbench", "file"):
+        if _kind(spec) in ("embedded", "bigbench", "file"):
             docs = mc_docs(spec, limit=limit, seed=seed)
-            name = "ila_" + slug(READY_TASKS.get(spec, spec), keep="", empty="task")
+            name = "ila_" + slug(spec, keep="", empty="task")
             while name in {n for n, _ in local.values()}:
                 name += "_"
             local[spec] = (name, write_task_file(name, docs))

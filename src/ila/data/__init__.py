@@ -4,10 +4,12 @@ An example is `{"messages": [{"role": ..., "content": ...}, ..., {"role": "assis
 the last message is the response, everything before it is the prompt; or `{"text": ...}`, plain text whose
 every token is learned (continued pre-training, TRL's text datasets). Sources (see docs/data.md):
 
-* a local `.json` (a list) or `.jsonl` file in alpaca form (`instruction`, optional `input`, `output`),
-  messages form (`messages`), LIMA form (`conversations`: alternating user/assistant strings) or text form
-  (`text`);
-* `bigbench:TASK[/SUBTASK,...]`, read from the BIG-bench source archive (`ila.bigbench`);
+* the name of a set that ships inside ila (`ila.data.embedded`: gsm8k, roleplay, codegen, harmless);
+* a local `.json` (a list) or `.jsonl` file in alpaca form (`instruction`, optional `input`, `output` or
+  `response`), messages form (`messages`), LIMA form (`conversations`: alternating user/assistant strings),
+  question form (`question`, `answer`), dialogue form (`chosen`: an hh-rlhf '\n\nHuman: … \n\nAssistant: …'
+  dialogue) or text form (`text`);
+* `bigbench:TASK[/SUBTASK,...]`, read from a BIG-bench archive the user points to (`ila.bigbench`);
 * a directory of data files or a Hugging Face dataset name, via `datasets.load_dataset`.
 """
 
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from datasets import Dataset
 
 from ila import bigbench
+from ila.data import embedded
 from ila.errors import IlaError, first_line
 
 if TYPE_CHECKING:
@@ -30,9 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = "bigbench:natural_instructions/*qasc*"
-"""Seven QASC subtasks of BIG-bench natural_instructions (036-042): short science-fact instructions, 39 928
-examples in all."""
+DEFAULT_DATA = "gsm8k"
+"""The embedded GSM8K train split: 7 473 grade-school maths questions with worked solutions."""
 
 IGNORE_INDEX = -100
 """Label value the loss ignores (prompt tokens and padding)."""
@@ -51,6 +53,10 @@ _LOCAL_SUFFIXES = (".json", ".jsonl")
 Example = dict[str, Any]  # {"messages": [...]} or {"text": str}
 
 
+class MalformedRow(IlaError):
+    """A row that is counted and skipped rather than fatal (a dialogue that does not parse)."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Row normalisation (shared by local files and `datasets` rows)
 
@@ -60,7 +66,7 @@ def _row_to_example(row: Any, where: str) -> Example | None:
     WHERE names the row."""
     if not isinstance(row, dict):
         raise IlaError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "text" in row and not {"messages", "conversations", "instruction", "output"} & set(row):
+    if "text" in row and not {"messages", "conversations", "instruction", "output", "response"} & set(row):
         if not isinstance(row["text"], str):
             raise IlaError(f"{where}: field 'text' is {type(row['text']).__name__} {_short(row['text'])}, "
                            "expected a string")
@@ -69,16 +75,26 @@ def _row_to_example(row: Any, where: str) -> Example | None:
         messages = _check_messages(row["messages"], f"{where}: field 'messages'")
     elif "conversations" in row:
         messages = _conversations_to_messages(row["conversations"], f"{where}: field 'conversations'")
-    elif "instruction" in row or "output" in row:
+    elif "instruction" in row or "output" in row or "response" in row:
         messages = _alpaca_to_messages(row, where)
+    elif "question" in row and "answer" in row:
+        messages = _alpaca_to_messages({"instruction": row["question"], "output": row["answer"]}, where)
+    elif "chosen" in row:
+        messages = embedded.dialogue_messages(row["chosen"])
+        if messages is None:
+            raise MalformedRow(f"{where}: field 'chosen' is not a '\\n\\nHuman: … \\n\\nAssistant: …' dialogue "
+                               "ending with an Assistant turn")
     else:
         keys = ", ".join(sorted(map(str, row))) or "none"
         raise IlaError(f"{where}: missing field 'instruction' (alpaca form: instruction, input, output), "
-                       f"'messages' (messages form) or 'text' (text form); fields present: {keys}")
+                       f"'messages' (messages form), 'question' + 'answer', 'chosen' (dialogue form) or 'text' "
+                       f"(text form); fields present: {keys}")
     return {"messages": messages} if messages[-1]["content"].strip() else None
 
 
 def _alpaca_to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    if "output" not in row and "response" in row:  # GPTeacher names the response field 'response'
+        row = {**row, "output": row["response"]}
     for field in ("instruction", "output"):
         if field not in row:
             raise IlaError(f"{where}: missing field {field!r} (alpaca form needs 'instruction' and 'output')")
@@ -171,18 +187,27 @@ def _read_local(path: Path) -> list[Example]:
 
 
 def _normalise_rows(rows: Iterable[tuple[str, Any]], source: str) -> list[Example]:
-    examples, empty, total = [], 0, 0
+    examples, empty, malformed, total = [], 0, 0, 0
+    first_malformed = ""
     for where, row in rows:
         total += 1
-        example = _row_to_example(row, where)
+        try:
+            example = _row_to_example(row, where)
+        except MalformedRow as e:
+            malformed += 1
+            first_malformed = first_malformed or str(e)
+            continue
         if example is None:
             empty += 1
         else:
             examples.append(example)
     if empty:
         log.warning("%s: dropped %d of %d rows with an empty response", source, empty, total)
+    if malformed:
+        log.warning("%s: skipped %d of %d malformed rows (first: %s)", source, malformed, total, first_malformed)
     if not examples:
-        what = "no rows" if total == 0 else f"all {total} rows have an empty response"
+        what = ("no rows" if total == 0 else f"all {total} rows are malformed ({first_malformed})"
+                if malformed == total else f"all {total} rows have an empty response or are malformed")
         raise IlaError(f"{source}: no usable examples ({what})")
     return examples
 
@@ -192,15 +217,23 @@ def _normalise_rows(rows: Iterable[tuple[str, Any]], source: str) -> list[Exampl
 
 
 def _read_hf(name: str, max_examples: int | None, seed: int) -> list[Example]:
-    """Examples from `datasets.load_dataset(name)` (its `train` split, else its first split)."""
+    """Examples from `datasets.load_dataset(name)` (its `train` split, else its first split); the hub names of
+    the embedded sets get their arguments from `embedded.HUB_LOAD_ARGS`."""
     import datasets
 
+    from ila.models import _offline, hub_offline_when_unreachable
+
     try:
-        loaded = datasets.load_dataset(name)
+        with hub_offline_when_unreachable():
+            loaded = datasets.load_dataset(name, **embedded.HUB_LOAD_ARGS.get(name, {}))
     except Exception as e:  # the library raises many types (connection, not found, builder errors)
+        if not Path(name).exists() and _offline():
+            raise IlaError(f"data {name!r}: not an embedded set ({', '.join(_sft_names())}) nor a local file, and a "
+                           "Hugging Face hub dataset needs the network, which is unreachable") from None
         reason = first_line(e)
-        raise IlaError(f"data {name!r} is neither a local .json/.jsonl file, a 'bigbench:TASK[/SUBTASK]' "
-                       f"spec nor a dataset datasets.load_dataset can reach ({reason})") from None
+        raise IlaError(f"data {name!r} is neither an embedded set ({', '.join(_sft_names())}), a local "
+                       f".json/.jsonl file, a 'bigbench:TASK[/SUBTASK]' spec nor a dataset datasets.load_dataset "
+                       f"can reach ({reason})") from None
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else sorted(loaded)[0]
         if split != "train":
@@ -208,15 +241,32 @@ def _read_hf(name: str, max_examples: int | None, seed: int) -> list[Example]:
         ds = loaded[split]
     else:
         ds = loaded
-    forms = ({"messages"}, {"conversations"}, {"instruction", "output"}, {"text"})
+    forms = ({"messages"}, {"conversations"}, {"instruction", "output"}, {"instruction", "response"},
+             {"question", "answer"}, {"chosen"}, {"text"})
     if not any(form <= set(ds.column_names) for form in forms):
         raise IlaError(f"dataset {name!r}: columns {', '.join(ds.column_names)}; expected 'instruction' and "
-                       "'output' (alpaca form), 'messages', 'conversations' or 'text'")
+                       "'output' (alpaca form), 'messages', 'conversations', 'question' and 'answer', 'chosen' "
+                       "or 'text'")
     indices = list(range(len(ds)))
     if max_examples is not None and max_examples < len(indices):
         indices = sorted(random.Random(seed).sample(indices, max_examples))
     rows = ((f"dataset {name!r}: row {i}", ds[i]) for i in indices)
     return _normalise_rows(rows, f"dataset {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedded sets
+
+
+def _sft_names() -> list[str]:
+    return [n for n, s in embedded.SETS.items() if s.kind == "sft"]
+
+
+def _read_embedded(name: str, split: str = "train") -> list[Example]:
+    """The examples of an embedded SFT set's SPLIT (its rows through the same forms as any file)."""
+    rows = embedded.rows(name, split)
+    return _normalise_rows(((f"embedded set {name!r} ({split}): row {i}", r) for i, r in enumerate(rows)),
+                           f"embedded set {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,20 +328,24 @@ def load_examples(spec: str | None = None, *, max_examples: int | None = None,
                   seed: int = 0) -> list[Example]:
     """Load examples (`{"messages": [...]}`, last message the response) from SPEC (default `DEFAULT_DATA`).
 
-    SPEC: a `.json`/`.jsonl` file, `bigbench:TASK[/SUBTASK_GLOB,...]`, or a `datasets.load_dataset` name or
-    directory. MAX_EXAMPLES keeps a seeded random subset (spread evenly over the selected BIG-bench subtasks).
+    SPEC: an embedded set's name (its train split), a `.json`/`.jsonl` file, `bigbench:TASK[/SUBTASK_GLOB,...]`,
+    or a `datasets.load_dataset` name or directory. MAX_EXAMPLES keeps a seeded random subset (spread evenly over
+    the selected BIG-bench subtasks).
     """
     spec = DEFAULT_DATA if spec is None else str(spec)
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
                                      or max_examples < 1):
         raise IlaError(f"max_examples is {max_examples!r}, expected a positive integer or None")
     if not spec.strip():
-        raise IlaError("data spec is empty, expected a file, 'bigbench:TASK[/SUBTASK]' or a dataset name")
+        raise IlaError(f"data spec is empty, expected an embedded set ({', '.join(_sft_names())}), a file, "
+                       "'bigbench:TASK[/SUBTASK]' or a dataset name")
     if spec.startswith(bigbench.PREFIX):
         return _read_bigbench(spec, max_examples, seed)
     path = Path(spec).expanduser()
     looks_local = path.suffix.lower() in _LOCAL_SUFFIXES or spec.startswith((".", "/", "~"))
-    if path.is_file() or (looks_local and not path.is_dir()):
+    if spec in embedded.SETS and not path.exists():
+        examples = _read_embedded(spec)
+    elif path.is_file() or (looks_local and not path.is_dir()):
         if not path.exists():
             raise IlaError(f"{path}: data file not found")
         examples = _read_local(path)
