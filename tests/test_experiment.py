@@ -189,3 +189,34 @@ def test_a_selection_with_its_own_ranking_trains_by_it_and_runs_no_identify(mode
     config.write_text(config.read_text().replace(str(own), str(tmp_path / "missing.json")))
     with pytest.raises(IlaError, match=r"selections\[0\].ranking .*missing.json: file not found"):
         load_grid(config)
+
+
+def test_a_selection_by_another_importance_method_identifies_with_it_per_data(model_dirs, data_file, tmp_path):
+    """'freeze the bottom 25 % by update-norm' beside ILA's: each method ranks each data set once."""
+    from ila.ranking import Ranking
+
+    config = grid_file(tmp_path, model_dirs("llama"), data_file)
+    config.write_text(config.read_text().replace("seeds: [0, 1]", "seeds: [0]").replace(
+        '''  - {label: "RL", select: "random:0.25", select_seed: 3}''',
+        '''  - {label: "w/ norm", select: "freeze-bottom:0.25", importance: update-norm}'''))
+    out = tmp_path / "out"
+    run_experiment(config, out)
+    folder = next((out / "rankings").glob("*/*"))
+    ila_ranking, norm_ranking = Ranking.load(folder / "ranking.json"), Ranking.load(folder / "update-norm" /
+                                                                                  "ranking.json")
+    assert ila_ranking.metadata["method"] == "ila" and norm_ranking.metadata["method"] == "update-norm"
+    assert "ila" not in norm_ranking.metadata["config"]  # the grid's ila section stays with ila's run
+    for label, ranking in (("w_ILA", ila_ranking), ("w_norm", norm_ranking)):
+        cell = next(c for c in out.glob("cells/**/run.json") if label in str(c)).parent
+        trained = set(json.loads((cell / "selection.json").read_text())["trained"])
+        frozen = {x.name for x in ranking.bottom(0.25)}  # the bottom 25 % of its own ranking
+        assert trained == {x.name for x in ranking.layers} - frozen
+    for bad, needle in (("importance: update-norm", "unknown importance method 'nope'"),
+                        ("importance: update-norm", "give 'ranking' or 'importance', not both")):
+        text = config.read_text()
+        replacement = ("importance: nope" if "nope" in needle else
+                       f'importance: update-norm, ranking: "{folder / "ranking.json"}"')
+        config.write_text(text.replace(bad, replacement))
+        with pytest.raises(IlaError, match=needle):
+            load_grid(config)
+        config.write_text(text)

@@ -188,3 +188,17 @@ def test_update_norm_on_an_adapter_reads_no_data(model_dirs, data_file, tmp_path
     data = json.loads((out / "ranking.json").read_text())
     assert data["metadata"]["method"] == "update-norm" and data["metadata"]["data"] is None
     assert all(x["score"] > 0 for x in data["layers"])
+
+
+def test_data_seed_fixes_identify_sample_and_split_across_training_seeds(model_dirs, data_file):
+    from ila.importance.job import load_inputs
+
+    def rows(seed, data_seed):
+        config = load_config(None, {"model": str(model_dirs("llama")), "data": str(data_file), "seed": seed,
+                                    "data_seed": data_seed, "max_examples": 60, "heldout_fraction": 0.25})
+        loaded = load_inputs(config)
+        return sorted(map(tuple, loaded.train["input_ids"])), sorted(map(tuple, loaded.heldout["input_ids"]))
+
+    assert rows(0, 3) == rows(1, 3)  # the training seed alone leaves sample and split as they are
+    assert rows(0, None) != rows(1, None)  # without a data seed, the seed draws both
+    assert rows(3, None) == rows(0, 3)

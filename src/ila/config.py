@@ -89,7 +89,10 @@ class IdentifyConfig:
                          "model and data and compare them", flag=True)
     adapter: str | None = option(None, "trained PEFT LoRA adapter for --model: the stage-1 update, instead of "
                                  "training one", flag=True)
-    seed: int = option(0, "seed of the data split, sampling and initialisation", check=seed_range, flag=True)
+    seed: int = option(0, "seed of the training (initialisation, dropout, batch order) and, unless --data-seed is "
+                       "given, of the data", check=seed_range, flag=True)
+    data_seed: int | None = option(None, "seed of the example sample, the train/held-out split and the probe sets "
+                                   "drawn from them (null: seed)", check=seed_range, flag=True)
     max_length: int = option(256, "truncate examples to this many tokens", check=positive, flag=True)
     max_examples: int | None = option(2000, "cap on the examples read from --data", check=positive, flag=True)
     heldout_fraction: float = option(0.1, "fraction of examples held out (the stage-1 probe is drawn from them)",
@@ -116,6 +119,11 @@ class IdentifyConfig:
             if method.check is not None:
                 method.check(self, self.method_options.get(name))
         return self
+
+    @property
+    def sample_seed(self) -> int:
+        """The seed of the example sample, the train/held-out split and the probe sets drawn from them."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def options(self, method: str | None = None) -> Any:
         """The options of `method` (default: the running one) as a dataclass of its file, or None if it has

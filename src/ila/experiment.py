@@ -16,6 +16,7 @@ skipped on re-run. Rankings the selections need come from a given file or from
       - {label: "LoRA w/ ILA", select: "freeze-bottom:0.25"}
       - {label: "RL 1", select: "random:0.25", select_seed: 1}
       - {label: "w/ snr", select: "freeze-bottom:0.25", ranking: runs/all/snr/ranking.json}  # its own ranking
+      - {label: "w/ update-norm", select: "freeze-bottom:0.25", importance: update-norm}  # identify per data
       - {label: "LISA", strategy: lisa, method: full, lisa: {layers: 2}}  # a training strategy, its own method
     ranking: null                   # ranking.json (or a list, for intersect:F), or null: identify per (model, data)
     identify: {stage1: {max_steps: 40}}   # IdentifyConfig keys for those identify runs
@@ -60,7 +61,8 @@ from ila.io import slug, write_json_atomic, write_text_atomic
 GRID_KEYS = {"name", "models", "data", "methods", "seeds", "selections", "ranking", "identify", "train", "eval"}
 EVAL_KEYS = {"mc", "exact", "limit"}
 CELL_KEYS = {"model", "data", "method", "select", "seed", "select_seed", "rankings", "strategy"}  # set per cell
-SELECTION_KEYS = {"label", "select", "select_seed", "ranking", "strategy", "method", "train"}  # + strategy sections
+SELECTION_KEYS = {"label", "select", "select_seed", "ranking", "importance", "strategy", "method",  # + strategy
+                  "train"}  # sections
 METRICS = [  # (key in the cell summary, column title, format)
     ("heldout_loss", "held-out loss", "{:.4f}"),
     ("perplexity", "perplexity", "{:.3f}"),
@@ -80,6 +82,7 @@ class Selection:
     select: str = "all"
     select_seed: int | None = None
     ranking: str | None = None  # this selection's ranking.json (e.g. one importance method's), instead of the grid's
+    importance: str | None = None  # importance method identify runs per (model, data) for this selection (None: ila)
     strategy: str | None = None  # a training strategy (None: the grid's train.strategy, by default selection)
     method: str | None = None  # this selection's own training method, instead of the grid's methods
     sections: dict[str, Any] = field(default_factory=dict)  # strategy options, e.g. {"lisa": {"layers": 2}}
@@ -139,9 +142,10 @@ def load_grid(path: str | Path) -> Grid:
         own = item.get("ranking")
         if own is not None and not Path(str(own)).is_file():
             raise IlaError(f"experiment {path}: selections[{i}].ranking {own}: file not found")
+        importance = _importance(item.get("importance"), own, f"experiment {path}: selections[{i}]")
         selections.append(Selection(
             label, str(item.get("select", "all")), item.get("select_seed"), str(own) if own is not None else None,
-            item.get("strategy"), item.get("method"), {k: item[k] for k in item if k in strategies()},
+            importance, item.get("strategy"), item.get("method"), {k: item[k] for k in item if k in strategies()},
             item.get("train") or {}))
         if not isinstance(selections[-1].train, dict):
             raise IlaError(f"experiment {path}: selections[{i}].train must be a mapping of config keys")
@@ -188,6 +192,20 @@ def load_grid(path: str | Path) -> Grid:
     return grid
 
 
+def _importance(name: Any, ranking: Any, where: str) -> str | None:
+    """A selection's importance method: a registered one, and not beside a ranking file."""
+    from ila.importance.base import ALL, method_names
+
+    if name is None:
+        return None
+    if ranking is not None:
+        raise IlaError(f"{where}: give 'ranking' or 'importance', not both")
+    known = method_names(ALL)
+    if name not in known:
+        raise IlaError(f"{where}.importance: unknown importance method {name!r} (expected one of: {', '.join(known)})")
+    return str(name)
+
+
 def cell_methods(grid: Grid, sel: Selection) -> list[str]:
     """The training methods a selection runs with: its own, or the grid's."""
     return [sel.method] if sel.method else grid.methods
@@ -226,9 +244,13 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
         for data in grid.data:
             rankings = _grid_rankings(grid, model, data, out, run_identify)
             for method, sel in cells(grid):
+                needs = []
+                if _needs_ranking(grid, sel):
+                    needs = ([sel.ranking] if sel.ranking else
+                             [str(_identify(grid, model, data, out, run_identify, sel.importance))]
+                             if sel.importance else rankings)
                 for seed in grid.seeds:
                     cell = out / "cells" / slug(model) / slug(data) / method / slug(sel.label) / f"seed{seed}"
-                    needs = ([sel.ranking] if sel.ranking else rankings) if _needs_ranking(grid, sel) else []
                     config = _train_config(grid, model, data, method, sel, seed, needs)
                     _check_cell(cell, config)
                     if not (cell / "run.json").exists():
@@ -245,7 +267,7 @@ def run_experiment(config_path: str | Path, out: str | Path) -> Path:
 
 def _grid_rankings(grid: Grid, model, data, out: Path, run_identify) -> list[str]:
     """The ranking files the grid's selections use for (model, data): given ones, or one identify run."""
-    if not any(_needs_ranking(grid, s) and not s.ranking for s in grid.selections):
+    if not any(_needs_ranking(grid, s) and not s.ranking and not s.importance for s in grid.selections):
         return []
     if isinstance(grid.ranking, list):
         return [str(r) for r in grid.ranking]
@@ -325,11 +347,19 @@ def _needs_ranking(grid: Grid, sel: Selection) -> bool:
     return get_strategy(config.strategy).needs_ranking(config, config.options())
 
 
-def _identify(grid: Grid, model, data, out: Path, run_identify) -> Path:
+def _identify(grid: Grid, model, data, out: Path, run_identify, importance: str | None = None) -> Path:
+    """The ranking of (model, data) by the grid's identify settings, or by another importance method's."""
+    from ila.importance.base import ALL, method_names
+
     folder = out / "rankings" / slug(model) / slug(data)
+    settings = flatten(grid.identify) | {"model": model, "data": data}
+    if importance is not None:  # its own folder; the options of other methods stay out of its config
+        folder = folder / importance
+        others = set(method_names(ALL)) - {importance}
+        settings = {k: v for k, v in settings.items() if k.split(".")[0] not in others} | {"method": importance}
     if not (folder / "ranking.json").exists():
-        print(f"[{grid.name}] identify: {model} · {data}", flush=True)
-        config = load_config(None, flatten(grid.identify) | {"model": model, "data": data}, IdentifyConfig)
+        print(f"[{grid.name}] identify{f' ({importance})' if importance else ''}: {model} · {data}", flush=True)
+        config = load_config(None, settings, IdentifyConfig)
         run_identify(config, folder, resume=(folder / "checkpoints").is_dir())
         _release_memory()
     return folder / "ranking.json"

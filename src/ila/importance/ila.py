@@ -57,7 +57,7 @@ def score(inputs: Inputs) -> Scores:
     from ila.importance.stage2 import run_stage2
 
     options: IlaOptions = inputs.options
-    split, probe = split_and_probe(inputs.train, inputs.heldout, options, inputs.config.seed)
+    split, probe = split_and_probe(inputs.train, inputs.heldout, options, inputs.config.sample_seed)
     s2 = run_stage2(inputs.update.model, inputs.layers, split, probe, inputs.collator, options, inputs.work_dir,
                     seed=inputs.config.seed, initial=inputs.update.initial, report_to=inputs.config.report_to,
                     bf16=inputs.config.dtype == "bfloat16")

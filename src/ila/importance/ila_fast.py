@@ -30,7 +30,7 @@ def score(inputs: Inputs) -> Scores:
     from ila.importance.stage2 import gate_gradient
 
     options: IlaFastOptions = inputs.options
-    data = inputs.train.shuffle(seed=inputs.config.seed).select(range(min(options.examples, len(inputs.train))))
+    data = inputs.train.shuffle(seed=inputs.config.sample_seed).select(range(min(options.examples, len(inputs.train))))
     model = inputs.update.model
     for p in model.parameters():
         p.requires_grad_(False)

@@ -82,7 +82,7 @@ class Loaded:
 
 def load_inputs(config: IdentifyConfig, *, with_data: bool = True) -> Loaded:
     """Load the model (+ `config.adapter`) and discover the layers; with `with_data`, load the examples and split
-    them by the seed (else `train`/`heldout` are empty lists)."""
+    them by the data seed (else `train`/`heldout` are empty lists)."""
     from transformers import set_seed
 
     from ila.data import build_dataset, collate, load_examples, split_train_heldout
@@ -91,7 +91,9 @@ def load_inputs(config: IdentifyConfig, *, with_data: bool = True) -> Loaded:
     from ila.models import load_model
 
     set_seed(config.seed)
-    examples = load_examples(config.data, max_examples=config.max_examples, seed=config.seed) if with_data else []
+    examples = []
+    if with_data:
+        examples = load_examples(config.data, max_examples=config.max_examples, seed=config.sample_seed)
     model, tokenizer = load_model(config.model, trust_remote_code=False)  # after the data: bad data fails fast
     layers = discover_layers(model, config.lora.target_roles)
     linear_layers = len(discover_layers(model))
@@ -101,7 +103,8 @@ def load_inputs(config: IdentifyConfig, *, with_data: bool = True) -> Loaded:
     train, heldout = [], []
     if with_data:
         dataset = build_dataset(examples, tokenizer, max_length=config.max_length)
-        train, heldout = split_train_heldout(dataset, heldout_fraction=config.heldout_fraction, seed=config.seed)
+        train, heldout = split_train_heldout(dataset, heldout_fraction=config.heldout_fraction,
+                                             seed=config.sample_seed)
     return Loaded(model, tokenizer, layers, linear_layers, train, heldout, collate(tokenizer), update)
 
 

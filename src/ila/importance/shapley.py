@@ -114,7 +114,7 @@ def score(inputs: Inputs) -> Scores:
 
     options: ShapleyOptions = inputs.options
     check_layers(options, inputs.layers)
-    data = inputs.train.shuffle(seed=inputs.config.seed).select(range(min(options.examples, len(inputs.train))))
+    data = inputs.train.shuffle(seed=inputs.config.sample_seed).select(range(min(options.examples, len(inputs.train))))
     model = inputs.update.model
     device = next(model.parameters()).device
     batches = [{k: t.to(device) for k, t in inputs.collator([data[j] for j in range(i, min(i + options.batch_size,
