@@ -5,7 +5,8 @@ disjoint data (same model and settings) and an optional `ila experiment` freeze 
         --out runs/study/gsm8k
     ila identify --method all --config configs/all_methods.yaml --data roleplay \\
         --out runs/study/roleplay
-    python benchmarks/method_study.py runs/study/gsm8k runs/study/roleplay [--freeze runs/study/freeze/<name>.csv]
+    python benchmarks/method_study.py runs/study/gsm8k runs/study/roleplay \\
+        [--freeze runs/predictive/predictive_smollm2.csv]
 
 Prints, as Markdown tables: each method's cost (its own `timings.total_s`: load + stage 1 if it uses one +
 scoring); for each dataset the Jaccard@0.75 / Spearman agreement of every pair of methods; how well each method's

@@ -142,7 +142,8 @@ def test_an_interrupted_cell_resumes_only_with_its_configuration(model_dirs, dat
         _train_cell(_train_config(grid, None, None, "lora", grid.selections[0], 0, []), cell)
 
 
-@pytest.mark.parametrize("name", ["table6_smollm2", "table8_smollm2", "table11_smollm2", "strategies_smollm2"])
+@pytest.mark.parametrize("name", ["table6_smollm2", "table8_smollm2", "table11_smollm2", "strategies_smollm2",
+                                  "predictive_smollm2"])
 def test_shipped_grids_load(name):
     from pathlib import Path
 

@@ -368,7 +368,8 @@ def _identify(grid: Grid, model, data, out: Path, run_identify, importance: str 
 def _summary(cell: Path) -> dict:
     run = json.loads((cell / "run.json").read_text())
     loss = run.get("heldout_loss")
-    summary = {**run["cost"], "heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None}
+    summary = {**run["cost"], "heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None,
+               "seed": run.get("config", {}).get("seed")}
     if (cell / "eval.json").exists():
         results = json.loads((cell / "eval.json").read_text())
         summary |= {f"acc {task}": r["accuracy"] for task, r in results.get("multiple_choice", {}).items()}
