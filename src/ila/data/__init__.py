@@ -446,6 +446,11 @@ def build_dataset(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBas
     return Dataset.from_dict(columns)
 
 
+def seeded_subset(dataset: Dataset, n: int, seed: int) -> Dataset:
+    """N rows of DATASET drawn with SEED (all of them, shuffled, when it has fewer): probe sets and example subsets."""
+    return dataset.shuffle(seed=seed).select(range(min(n, len(dataset))))
+
+
 def split_train_heldout(dataset: Dataset, *, heldout_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Split off round(len * HELDOUT_FRACTION) examples (at least 1 if the fraction is > 0), chosen with SEED.
 

@@ -79,7 +79,8 @@ def score(inputs: Inputs) -> Scores:
     from ila.layers import base_model_of
 
     options: BlockInfluenceOptions = inputs.options
-    data = inputs.train.shuffle(seed=inputs.config.sample_seed).select(range(min(options.examples, len(inputs.train))))
+    from ila.data import seeded_subset
+    data = seeded_subset(inputs.train, options.examples, inputs.config.sample_seed)
     per_block = block_distances(base_model_of(inputs.model), data, inputs.collator, options.batch_size,
                                 options.distance)
     return Scores([per_block[layer.block] for layer in inputs.layers],

@@ -29,7 +29,8 @@ def score(inputs: Inputs) -> Scores:
 
     options: GradNormOptions = inputs.options
     n = min(options.batches * options.batch_size, len(inputs.train))
-    data = inputs.train.shuffle(seed=inputs.config.sample_seed).select(range(n))
+    from ila.data import seeded_subset
+    data = seeded_subset(inputs.train, n, inputs.config.sample_seed)
     model = inputs.model
     base = base_model_of(model)
     weights = [base.get_submodule(x.name).weight for x in inputs.layers]

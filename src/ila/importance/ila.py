@@ -43,7 +43,8 @@ def split_and_probe(train, heldout, options: IlaOptions, seed: int):
     split = train if options.data == "train" else heldout
     if split is None or len(split) == 0:
         raise IlaError(f"ila.data: the {options.data} split is empty (raise heldout_fraction or use train)")
-    return split, split.shuffle(seed=seed).select(range(min(options.probe_examples, len(split))))
+    from ila.data import seeded_subset
+    return split, seeded_subset(split, options.probe_examples, seed)
 
 
 def check(config, options: IlaOptions) -> None:

@@ -30,7 +30,8 @@ def score(inputs: Inputs) -> Scores:
     from ila.importance.stage2 import gate_gradient
 
     options: IlaFastOptions = inputs.options
-    data = inputs.train.shuffle(seed=inputs.config.sample_seed).select(range(min(options.examples, len(inputs.train))))
+    from ila.data import seeded_subset
+    data = seeded_subset(inputs.train, options.examples, inputs.config.sample_seed)
     model = inputs.update.model
     for p in model.parameters():
         p.requires_grad_(False)

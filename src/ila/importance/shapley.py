@@ -114,7 +114,8 @@ def score(inputs: Inputs) -> Scores:
 
     options: ShapleyOptions = inputs.options
     check_layers(options, inputs.layers)
-    data = inputs.train.shuffle(seed=inputs.config.sample_seed).select(range(min(options.examples, len(inputs.train))))
+    from ila.data import seeded_subset
+    data = seeded_subset(inputs.train, options.examples, inputs.config.sample_seed)
     model = inputs.update.model
     device = next(model.parameters()).device
     batches = [{k: t.to(device) for k, t in inputs.collator([data[j] for j in range(i, min(i + options.batch_size,

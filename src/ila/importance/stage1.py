@@ -134,8 +134,8 @@ def run_stage1(
     detector = StabilityDetector(s1.epsilon, s1.patience, s1.min_steps)
     probe = None
     if probe_dataset is not None and len(probe_dataset) and s1.probe_examples:  # a seeded sample of E_z
-        probe = probe_dataset.shuffle(seed=config.sample_seed)
-        probe = probe.select(range(min(s1.probe_examples, len(probe))))
+        from ila.data import seeded_subset
+        probe = seeded_subset(probe_dataset, s1.probe_examples, config.sample_seed)
     stability = StabilityCallback(detector, use_probe=probe is not None, interval=s1.interval,
                                   smoothing=s1.smoothing)
     cost = CostCallback()
